@@ -1,0 +1,280 @@
+"""The nudging loop (DESIGN.md section 1; docs/algorithm.md): pure logic over two text sessions.
+
+A round: the nudging model drafts; its first words are accepted until the base model agrees
+with the next draft word or is confident; then the base model writes while its top-1
+probability stays >= gamma, re-reading the answer as text every ``chunk_tokens`` tokens.
+Output is a stream of :class:`Segment`; :class:`AnswerWriter` applies the stop rules to the
+joined answer and releases only text that no later rule can take back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .backends.base import TextSession, Token
+from .config import NudgingConfig
+
+Source = Literal["base", "nudge"]
+FinishReason = Literal["stop", "length", "repetition", "round_cap"]
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A piece of the answer and who wrote it.
+
+    ``base_top1_prob`` is the base model's least top-1 probability over a base segment's
+    tokens; for a nudge segment, the base model's top-1 probability where it handed the turn
+    over (``None`` when it was not asked, as at the start of the answer).
+    """
+
+    text: str
+    source: Source
+    base_top1_prob: float | None = None
+
+
+def split_draft(draft: str) -> tuple[str, list[str]]:
+    """Leading spaces and the words of a draft, split on single spaces (newlines stay inside)."""
+    body = draft.lstrip(" ")
+    return draft[: len(draft) - len(body)], body.split(" ")
+
+
+def agrees(token: Token, next_word: str) -> bool:
+    """The base model would start the next draft word itself."""
+    return bool(token.text) and not token.is_eos and (" " + next_word).startswith(token.text)
+
+
+def repeated_suffix_length(text: str, min_chars: int) -> int:
+    """Length of the longest ``Y`` (at least ``min_chars`` long) such that text ends with ``YY``."""
+    for length in range(len(text) // 2, min_chars - 1, -1):
+        if text[-1] == text[-1 - length] and text[-2 * length : -length] == text[-length:]:
+            return length
+    return 0
+
+
+class AnswerWriter:
+    """The joined answer, the stop rules on it, and the segments that are safe to stream.
+
+    Rules are applied each time a segment is appended: stop strings (cut before the first
+    occurrence), an immediately repeated suffix (cut the second copy, never before the start
+    of the segment being appended), and ``max_tokens`` base tokens (cut exactly). A tail that
+    could be the start of a stop string is held back until the next segment settles it, so
+    the streamed text always equals the final text.
+    """
+
+    def __init__(
+        self,
+        config: NudgingConfig,
+        count_tokens: Callable[[str], int],
+        truncate_tokens: Callable[[str, int], str],
+    ) -> None:
+        self._config = config
+        self._count_tokens = count_tokens
+        self._truncate_tokens = truncate_tokens
+        self.answer = ""
+        self.finish_reason: FinishReason | None = None
+        self._released = 0
+        self._pending: list[Segment] = []
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, segment: Segment) -> list[Segment]:
+        if self.done:
+            return []
+        start = len(self.answer)
+        text = self.answer + segment.text
+        end, reason = self._apply_rules(text, start)
+        self.answer = text
+        self._pending.append(segment)
+        self._truncate(end)
+        if reason is not None:
+            self.finish_reason = reason
+            return self._release(len(self.answer))
+        return self._release(len(self.answer) - self._held_back())
+
+    def finish(self, reason: FinishReason) -> list[Segment]:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+        return self._release(len(self.answer))
+
+    def _apply_rules(self, text: str, start: int) -> tuple[int, FinishReason | None]:
+        config = self._config
+        # Held-back text is shorter than any stop string, so new matches start after this.
+        hits = [text.find(s, max(0, start - len(s) + 1)) for s in config.stop]
+        if any(index != -1 for index in hits):
+            return min(index for index in hits if index != -1), "stop"
+        end, reason = len(text), None
+        while (length := repeated_suffix_length(text[:end], config.min_repeat_chars)) and (
+            end - length >= start
+        ):
+            end, reason = end - length, "repetition"
+        if reason is None and len(text.encode()) >= config.max_tokens:
+            # A token holds at least one byte: shorter texts cannot reach the cap.
+            if self._count_tokens(text) >= config.max_tokens:
+                cut = self._truncate_tokens(text, config.max_tokens)
+                end = len(cut) if cut.startswith(text[:start]) else start
+                reason = "length"
+        return end, reason
+
+    def _held_back(self) -> int:
+        longest = 0
+        for stop in self._config.stop:
+            for k in range(min(len(stop) - 1, len(self.answer)), longest, -1):
+                if self.answer.endswith(stop[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def _truncate(self, end: int) -> None:
+        """Drop answer text past ``end`` (never released text)."""
+        excess = len(self.answer) - end
+        self.answer = self.answer[:end]
+        while excess > 0:
+            last = self._pending[-1]
+            if len(last.text) <= excess:
+                self._pending.pop()
+                excess -= len(last.text)
+            else:
+                self._pending[-1] = Segment(last.text[:-excess], last.source, last.base_top1_prob)
+                excess = 0
+
+    def _release(self, upto: int) -> list[Segment]:
+        out: list[Segment] = []
+        while self._pending and self._released < upto:
+            seg = self._pending[0]
+            room = upto - self._released
+            if len(seg.text) <= room:
+                self._pending.pop(0)
+                out.append(seg)
+                self._released += len(seg.text)
+            else:
+                out.append(Segment(seg.text[:room], seg.source, seg.base_top1_prob))
+                self._pending[0] = Segment(seg.text[room:], seg.source, seg.base_top1_prob)
+                self._released = upto
+        return [seg for seg in out if seg.text]
+
+
+@dataclass
+class RoundTrace:
+    """What one round decided, for statistics and debugging."""
+
+    draft: list[Token]
+    nudge_text: str
+    boundary: Token | None
+    base_tokens: list[Token] = field(default_factory=list)
+
+
+class NudgingRun:
+    """One nudged answer. Iterate to receive segments; read the outcome afterwards.
+
+    The sessions must already hold the request's prompts; this class only reads and writes
+    the answer text.
+    """
+
+    def __init__(self, base: TextSession, nudging: TextSession, config: NudgingConfig) -> None:
+        self.base = base
+        self.nudging = nudging
+        self.config = config
+        self.writer = AnswerWriter(config, base.count_tokens, base.truncate_tokens)
+        self.rounds = 0
+        self.trace: list[RoundTrace] = []
+
+    @property
+    def text(self) -> str:
+        return self.writer.answer
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.writer.finish_reason
+
+    def __iter__(self) -> Iterator[Segment]:
+        config = self.config
+        writer = self.writer
+        handover: float | None = None
+        last_nudge, same_nudges = "", 0
+        while not writer.done:
+            if self.rounds >= config.max_rounds:
+                yield from writer.finish("round_cap")
+                return
+            self.rounds += 1
+            draft = self.nudging.generate(writer.answer, config.draft_tokens)
+            draft_text = "".join(t.text for t in draft)
+            if draft and draft[-1].is_eos:
+                self.trace.append(RoundTrace(draft, draft_text, None))
+                yield from writer.append(Segment(draft_text, "nudge", handover))
+                yield from writer.finish("stop")
+                return
+            nudge_text, boundary = self._accept_words(draft_text)
+            self.trace.append(RoundTrace(draft, nudge_text, boundary))
+            if nudge_text == last_nudge:
+                same_nudges += 1
+                if same_nudges >= config.max_same_nudges:
+                    yield from writer.finish("repetition")
+                    return
+            else:
+                last_nudge, same_nudges = nudge_text, 0
+            yield from writer.append(Segment(nudge_text, "nudge", handover))
+            handover = None
+            if boundary is None or boundary.is_eos or writer.done:
+                continue
+            handover = yield from self._base_turn(boundary)
+
+    def _accept_words(self, draft_text: str) -> tuple[str, Token | None]:
+        """Accept draft words until the base model agrees or is confident at a boundary."""
+        lead, words = split_draft(draft_text)
+        accepted = 1
+        for i in range(1, len(words)):
+            accepted = i
+            if words[i] == "":
+                continue  # several spaces in a row: no word boundary to ask about
+            candidate = lead + " ".join(words[:i])
+            token = self.base.peek(self.writer.answer + candidate)
+            if agrees(token, words[i]) or token.top1_prob >= self.config.gamma:
+                return candidate, token
+        return lead + " ".join(words[:accepted]), None
+
+    def _base_turn(self, boundary: Token) -> Generator[Segment, None, float | None]:
+        """The base model writes from ``boundary`` on; returns the probability that ended it."""
+        config = self.config
+        writer = self.writer
+        trace = self.trace[-1]
+        context = writer.answer
+        trace.base_tokens.append(boundary)
+        yield from writer.append(Segment(boundary.text, "base", boundary.top1_prob))
+        passage = boundary.text
+        first: Token | None = boundary
+        while not writer.done:
+            window = self.base.generate(
+                context, config.chunk_tokens, min_prob=config.gamma, first=first
+            )
+            rest = window[1:] if first is not None else window
+            first = None
+            taken: list[Token] = []
+            stopped: Token | None = None
+            for token in rest:
+                if token.is_eos or token.top1_prob < config.gamma:
+                    stopped = token
+                    break
+                taken.append(token)
+            trace.base_tokens.extend(taken)
+            text = "".join(t.text for t in taken)
+            ended = stopped is not None or not taken
+            handover = None if stopped is None or stopped.is_eos else stopped.top1_prob
+            if text and text in passage:
+                return None  # the authors' loop breaker: this chunk was already written
+            if (
+                len(text.split(" ")) > config.loop_passage_words
+                and text in writer.answer
+            ):
+                return None  # the authors' loop breaker: a long passage already in the answer
+            if text:
+                prob = min(t.top1_prob for t in taken)
+                yield from writer.append(Segment(text, "base", prob))
+                passage += text
+            if ended:
+                return handover
+            context = writer.answer
+        return None

@@ -1,0 +1,118 @@
+"""Configuration of one nudged generation: validated once, frozen, hashable."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class SamplingConfig(BaseModel):
+    """How one model picks its next token.
+
+    ``temperature == 0`` is greedy decoding. Sampling only changes which token is picked:
+    the base model's confidence is always its raw softmax top-1 probability (DESIGN rule 6).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=100.0, description="0 means greedy; must be in [0, 100]."
+    )
+    top_p: float = Field(
+        default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass; must be in (0, 1]."
+    )
+    top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens; 0 = all.")
+    seed: int | None = Field(
+        default=None, ge=0, description="Seed of this model's random generator (sampling only)."
+    )
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class NudgingConfig(BaseModel):
+    """Every knob of the nudging algorithm (docs/algorithm.md states the rules).
+
+    Defaults follow the authors of arXiv 2410.09300 (github.com/fywalter/nudging) unless noted.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    gamma: float = Field(
+        default=0.4,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "The base model writes only while its top-1 next-token probability is >= gamma. "
+            "0.4 is the authors' README value and their Llama-2 setting (the paper finds "
+            "0.2-0.5 robust); must be in [0, 1]."
+        ),
+    )
+    draft_tokens: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description="Tokens the nudging model drafts per round (authors: 16); in [1, 4096].",
+    )
+    chunk_tokens: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description=(
+            "Window of base tokens asked for at once; the base re-reads the answer as text at "
+            "each window boundary (authors: 16); in [1, 4096]."
+        ),
+    )
+    max_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Answer length cap in base-tokenizer tokens, cut exactly (authors: 512).",
+    )
+    max_rounds: int = Field(
+        default=150, ge=1, description="Round cap (authors' max_round = 150); >= 1."
+    )
+    max_same_nudges: int = Field(
+        default=3,
+        ge=1,
+        description=(
+            "Stop before the same accepted nudging words would be appended this many times "
+            "more in a row (authors: 3, i.e. stop before the fourth)."
+        ),
+    )
+    loop_passage_words: int = Field(
+        default=5,
+        ge=1,
+        description=(
+            "A base passage of more than this many words that already appears in the answer "
+            "ends the base turn (authors' repetition_check, subseq_len=5)."
+        ),
+    )
+    min_repeat_chars: int = Field(
+        default=30,
+        ge=1,
+        description=(
+            "An immediately repeated answer suffix of at least this many characters stops "
+            "generation and is cut (authors' final clean-up, applied while generating)."
+        ),
+    )
+    stop: tuple[str, ...] = Field(
+        default=(), description="Stop strings searched in the joined answer (not included)."
+    )
+    base_sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    nudging_sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_tuple(cls, value: object) -> object:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,)
+        return tuple(value) if isinstance(value, list | tuple) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(s == "" for s in value):
+            raise ValueError("stop strings must be non-empty")
+        return tuple(dict.fromkeys(value))

@@ -1,0 +1,116 @@
+"""A loaded base/nudging pair that answers conversations with streamed segments."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from .algorithm import NudgingRun, Segment
+from .backends.local import LocalModel
+from .config import NudgingConfig
+from .prompts import BasePromptFormat, ChatMessage, render_prompts
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+
+@dataclass
+class GenerationStats:
+    """What one answer cost and who wrote it. Tokens are counted with the base tokenizer."""
+
+    finish_reason: str | None = None
+    base_tokens: int = 0
+    nudge_tokens: int = 0
+    base_words: int = 0
+    nudge_words: int = 0
+    rounds: int = 0
+    forward_passes: dict[str, int] = field(default_factory=dict)
+    tokens_processed: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    time_to_first_segment: float | None = None
+    wall_time: float = 0.0
+
+    @property
+    def nudged_share(self) -> float:
+        total = self.base_tokens + self.nudge_tokens
+        return self.nudge_tokens / total if total else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "nudged_share": round(self.nudged_share, 4)}
+
+
+class Generation:
+    """One streamed answer: iterate for segments, then read ``text`` and ``stats``."""
+
+    def __init__(self, pair: NudgingPair, messages: Sequence[ChatMessage], config: NudgingConfig):
+        prompts = render_prompts(messages, pair.nudging.text.tokenizer, pair.base_format)
+        self.config = config.model_copy(update={"stop": (*config.stop, *prompts.stop)})
+        self.prompts = prompts
+        self._pair = pair
+        self.segments: list[Segment] = []
+        self.stats = GenerationStats(prompt_tokens=len(pair.base.text.encode(prompts.base)))
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+    def __iter__(self) -> Iterator[Segment]:
+        pair, stats = self._pair, self.stats
+        start = time.perf_counter()
+        base = pair.base.session(self.prompts.base, self.config.base_sampling)
+        try:
+            nudging = pair.nudging.session(self.prompts.nudging, self.config.nudging_sampling)
+        except BaseException:
+            base.close()
+            raise
+        run = NudgingRun(base, nudging, self.config)
+        try:
+            for segment in run:
+                if stats.time_to_first_segment is None:
+                    stats.time_to_first_segment = time.perf_counter() - start
+                self.segments.append(segment)
+                self._count(segment)
+                yield segment
+        finally:
+            stats.finish_reason = run.finish_reason
+            stats.rounds = run.rounds
+            stats.forward_passes = {"base": base.forward_passes, "nudging": nudging.forward_passes}
+            stats.tokens_processed = {
+                "base": base.tokens_processed,
+                "nudging": nudging.tokens_processed,
+            }
+            stats.wall_time = time.perf_counter() - start
+            base.close()
+            nudging.close()
+
+    def _count(self, segment: Segment) -> None:
+        tokens = self._pair.base.text.count(segment.text)
+        words = len(segment.text.split())
+        if segment.source == "base":
+            self.stats.base_tokens += tokens
+            self.stats.base_words += words
+        else:
+            self.stats.nudge_tokens += tokens
+            self.stats.nudge_words += words
+
+
+class NudgingPair:
+    """A base model and a nudging model, loaded, ready to answer."""
+
+    def __init__(
+        self,
+        base: LoadedModel,
+        nudging: LoadedModel,
+        base_format: BasePromptFormat | None = None,
+    ) -> None:
+        self.base = LocalModel(base)
+        self.nudging = LocalModel(nudging)
+        self.base_format = base_format or BasePromptFormat()
+
+    def generate(
+        self, messages: Sequence[ChatMessage], config: NudgingConfig | None = None
+    ) -> Generation:
+        """Prepare an answer; nothing runs until the result is iterated."""
+        return Generation(self, messages, config or NudgingConfig())

@@ -1,0 +1,128 @@
+"""The oracle: nudging with no state kept between calls.
+
+Every question re-tokenizes ``prompt + answer`` and recomputes it from scratch (a base-model
+boundary check is one full forward pass; a window or a draft is one ``model.generate`` call),
+which is what the authors' code does through a completions API. Correct output is defined as
+what this produces; the cached backend must match it in greedy float32.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import GenerationConfig
+
+from .algorithm import NudgingRun
+from .backends.base import Token
+from .backends.hf import TokenChooser, TokenizerText
+from .config import NudgingConfig, SamplingConfig
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+
+
+class ReferenceModel:
+    """A loaded model asked every question from scratch."""
+
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.model = loaded.model
+        self.name = loaded.name
+        self.text = TokenizerText(loaded.tokenizer, loaded.model, loaded.context_window, loaded.name)
+        self.forward_passes = 0
+        self.tokens_processed = 0
+
+    def session(self, prompt: str, sampling: SamplingConfig) -> ReferenceSession:
+        return ReferenceSession(self, prompt, sampling)
+
+
+class ReferenceSession:
+    def __init__(self, owner: ReferenceModel, prompt: str, sampling: SamplingConfig) -> None:
+        self._owner = owner
+        self._prompt = prompt
+        owner.text.encode(prompt)
+        self._chooser = TokenChooser(sampling, owner.model.device)
+
+    @torch.inference_mode()
+    def peek(self, answer: str) -> Token:
+        text = self._owner.text
+        ids = text.encode(self._prompt + answer)
+        logits = self._owner.model(
+            input_ids=torch.tensor([ids], device=self._owner.model.device)
+        ).logits[0, -1]
+        self._owner.forward_passes += 1
+        self._owner.tokens_processed += len(ids)
+        token_id, top1, top2 = self._chooser.choose(logits)
+        return Token(text.texts(ids, [token_id])[0], top1, top2, token_id in text.stop_ids)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        answer: str,
+        max_new_tokens: int,
+        *,
+        min_prob: float | None = None,
+        first: Token | None = None,
+    ) -> list[Token]:
+        text = self._owner.text
+        ids = text.encode(self._prompt + answer)
+        sampling = self._chooser.sampling
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            do_sample=not sampling.greedy,
+            temperature=sampling.temperature or 1.0,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or None,
+            eos_token_id=sorted(text.stop_ids),
+            pad_token_id=text.tokenizer.pad_token_id or sorted(text.stop_ids)[0],
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        result = self._owner.model.generate(
+            input_ids=torch.tensor([ids], device=self._owner.model.device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self._owner.model.device),
+            generation_config=config,
+        )
+        self._owner.forward_passes += len(result.logits)
+        self._owner.tokens_processed += len(ids) + len(result.logits) - 1
+        new = result.sequences[0, len(ids) :].tolist()
+        texts = text.texts(ids, new)
+        out: list[Token] = []
+        for k, (token_id, logits) in enumerate(zip(new, result.logits, strict=False)):
+            top = torch.topk(torch.softmax(logits[0].float(), dim=-1), 2).values.tolist()
+            token = Token(texts[k], top[0], top[1], token_id in text.stop_ids)
+            if k == 0 and first is not None:
+                token = first
+            out.append(token)
+            if token.is_eos or (min_prob is not None and token.top1_prob < min_prob and k > 0):
+                break
+            if k == 0 and first is None and min_prob is not None and token.top1_prob < min_prob:
+                break
+        return out
+
+    def count_tokens(self, text: str) -> int:
+        return self._owner.text.count(text)
+
+    def truncate_tokens(self, text: str, max_tokens: int) -> str:
+        return self._owner.text.truncate(text, max_tokens)
+
+    def close(self) -> None:
+        pass
+
+
+def reference_nudge(
+    base: ReferenceModel,
+    nudging: ReferenceModel,
+    base_prompt: str,
+    nudging_prompt: str,
+    config: NudgingConfig,
+) -> NudgingRun:
+    """Run the oracle to the end and return the finished run (``.text``, ``.finish_reason``)."""
+    run = NudgingRun(
+        base.session(base_prompt, config.base_sampling),
+        nudging.session(nudging_prompt, config.nudging_sampling),
+        config,
+    )
+    for _ in run:
+        pass
+    return run
