@@ -111,12 +111,15 @@ class AnswerWriter:
             end - length >= start
         ):
             end, reason = end - length, "repetition"
-        if reason is None and len(text.encode()) >= config.max_tokens:
-            # A token holds at least one byte: shorter texts cannot reach the cap.
-            if self._count_tokens(text) >= config.max_tokens:
-                cut = self._truncate_tokens(text, config.max_tokens)
-                end = len(cut) if cut.startswith(text[:start]) else start
-                reason = "length"
+        # A token holds at least one byte: shorter texts cannot reach the cap.
+        if (
+            reason is None
+            and len(text.encode()) >= config.max_tokens
+            and self._count_tokens(text) >= config.max_tokens
+        ):
+            cut = self._truncate_tokens(text, config.max_tokens)
+            end = len(cut) if cut.startswith(text[:start]) else start
+            reason = "length"
         return end, reason
 
     def _held_back(self) -> int:
@@ -265,10 +268,7 @@ class NudgingRun:
             handover = None if stopped is None or stopped.is_eos else stopped.top1_prob
             if text and text in passage:
                 return None  # the authors' loop breaker: this chunk was already written
-            if (
-                len(text.split(" ")) > config.loop_passage_words
-                and text in writer.answer
-            ):
+            if len(text.split(" ")) > config.loop_passage_words and text in writer.answer:
                 return None  # the authors' loop breaker: a long passage already in the answer
             if text:
                 prob = min(t.top1_prob for t in taken)

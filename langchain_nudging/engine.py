@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .algorithm import NudgingRun, Segment
 from .backends.local import LocalModel
 from .config import NudgingConfig
+from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, LoadedModel, load_model
 from .prompts import BasePromptFormat, ChatMessage, render_prompts
-
-if TYPE_CHECKING:
-    from .models import LoadedModel
 
 
 @dataclass
@@ -50,13 +49,20 @@ class Generation:
         self.prompts = prompts
         self._pair = pair
         self.segments: list[Segment] = []
-        self.stats = GenerationStats(prompt_tokens=len(pair.base.text.encode(prompts.base)))
+        self._started = False
+        # Both prompts must fit their context windows: raise before anything runs.
+        prompt_tokens = len(pair.base.text.encode(prompts.base))
+        pair.nudging.text.encode(prompts.nudging)
+        self.stats = GenerationStats(prompt_tokens=prompt_tokens)
 
     @property
     def text(self) -> str:
         return "".join(s.text for s in self.segments)
 
     def __iter__(self) -> Iterator[Segment]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated only once")
+        self._started = True
         pair, stats = self._pair, self.stats
         start = time.perf_counter()
         base = pair.base.session(self.prompts.base, self.config.base_sampling)
@@ -108,6 +114,18 @@ class NudgingPair:
         self.base = LocalModel(base)
         self.nudging = LocalModel(nudging)
         self.base_format = base_format or BasePromptFormat()
+
+    @classmethod
+    def load(
+        cls,
+        base: str | os.PathLike | LoadedModel = BUNDLED_BASE_ID,
+        nudging: str | os.PathLike | LoadedModel = BUNDLED_NUDGING_ID,
+        *,
+        base_format: BasePromptFormat | None = None,
+        **options: Any,
+    ) -> NudgingPair:
+        """Load (or reuse from the registry) both models; ``options`` go to ``load_model``."""
+        return cls(load_model(base, **options), load_model(nudging, **options), base_format)
 
     def generate(
         self, messages: Sequence[ChatMessage], config: NudgingConfig | None = None

@@ -39,7 +39,10 @@ class ChatMessage:
 
 
 class BasePromptFormat(BaseModel):
-    """The base model's transcript format (the authors' ``"{system}\\n{instruction}\\n{response}"``)."""
+    """The base model's transcript format.
+
+    The authors' single-turn prompt is ``"{system}\\n{instruction}\\n{response_prefix}"``.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -126,7 +129,7 @@ def chat_prompt(
     with_system = [{"role": "system", "content": system}, *chat] if system else chat
     try:
         rendered = _render(tokenizer, with_system)
-    except Exception:  # noqa: BLE001 - templates raise their own errors for a system role
+    except Exception:  # templates raise errors of their own for a system role
         if not system:
             raise
         first_user = next(i for i, m in enumerate(chat) if m["role"] == "user")

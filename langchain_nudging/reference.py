@@ -28,7 +28,9 @@ class ReferenceModel:
     def __init__(self, loaded: LoadedModel) -> None:
         self.model = loaded.model
         self.name = loaded.name
-        self.text = TokenizerText(loaded.tokenizer, loaded.model, loaded.context_window, loaded.name)
+        self.text = TokenizerText(
+            loaded.tokenizer, loaded.model, loaded.context_window, loaded.name
+        )
         self.forward_passes = 0
         self.tokens_processed = 0
 
@@ -78,9 +80,10 @@ class ReferenceSession:
             output_logits=True,
             return_dict_in_generate=True,
         )
+        device = self._owner.model.device
         result = self._owner.model.generate(
-            input_ids=torch.tensor([ids], device=self._owner.model.device),
-            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=self._owner.model.device),
+            input_ids=torch.tensor([ids], device=device),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
             generation_config=config,
         )
         self._owner.forward_passes += len(result.logits)

@@ -13,7 +13,6 @@ from transformers import (
 )
 
 from ..config import SamplingConfig
-from .base import Token
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

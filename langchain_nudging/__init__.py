@@ -1,0 +1,34 @@
+"""langchain-nudging: nudging (arXiv 2410.09300) over a resident base/aligned model pair."""
+
+from ._version import __version__
+from .algorithm import NudgingRun, Segment
+from .config import NudgingConfig, SamplingConfig
+from .engine import Generation, GenerationStats, NudgingPair
+from .models import (
+    BUNDLED_BASE_ID,
+    BUNDLED_NUDGING_ID,
+    LoadedModel,
+    ModelLoadError,
+    load_model,
+    unload_model,
+)
+from .prompts import BasePromptFormat, ChatMessage
+
+__all__ = [
+    "BUNDLED_BASE_ID",
+    "BUNDLED_NUDGING_ID",
+    "BasePromptFormat",
+    "ChatMessage",
+    "Generation",
+    "GenerationStats",
+    "LoadedModel",
+    "ModelLoadError",
+    "NudgingConfig",
+    "NudgingPair",
+    "NudgingRun",
+    "SamplingConfig",
+    "Segment",
+    "__version__",
+    "load_model",
+    "unload_model",
+]
