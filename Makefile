@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check langchain_nudging tests integration_tests benchmarks
 
 unit: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -26,9 +26,7 @@ def test_empty_conversation(pair: NudgingPair) -> None:
         pair.generate([])
 
 
-@pytest.mark.parametrize(
-    ("field", "value"), [("gamma", -0.1), ("gamma", 1.01), ("max_tokens", 0)]
-)
+@pytest.mark.parametrize(("field", "value"), [("gamma", -0.1), ("gamma", 1.01), ("max_tokens", 0)])
 def test_out_of_range_config(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         NudgingConfig(**{field: value})

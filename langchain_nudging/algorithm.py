@@ -13,7 +13,7 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from .backends.base import TextSession, Token
+from .backends.base import ContextWindowError, TextSession, Token
 from .config import NudgingConfig
 
 Source = Literal["base", "nudge"]
@@ -194,6 +194,12 @@ class NudgingRun:
         return self.writer.finish_reason
 
     def __iter__(self) -> Iterator[Segment]:
+        try:
+            yield from self._rounds()
+        except ContextWindowError:
+            yield from self.writer.finish("length")
+
+    def _rounds(self) -> Iterator[Segment]:
         config = self.config
         writer = self.writer
         handover: float | None = None

@@ -1,5 +1,5 @@
 """Where tokens come from: backends answer text-level questions about ``prompt + answer``."""
 
-from .base import TextModel, TextSession, Token
+from .base import ContextWindowError, TextModel, TextSession, Token
 
-__all__ = ["TextModel", "TextSession", "Token"]
+__all__ = ["ContextWindowError", "TextModel", "TextSession", "Token"]

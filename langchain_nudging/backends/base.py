@@ -13,6 +13,10 @@ from typing import Protocol
 from ..config import SamplingConfig
 
 
+class ContextWindowError(ValueError):
+    """``prompt + answer`` no longer fits a model's context window."""
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     """One next-token decision of a model.

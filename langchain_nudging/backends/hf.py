@@ -13,6 +13,7 @@ from transformers import (
 )
 
 from ..config import SamplingConfig
+from .base import ContextWindowError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -21,7 +22,7 @@ _CONTEXT_IDS = 4  # ids decoded before new tokens so that leading spaces come ou
 _INCOMPLETE = "\ufffd"  # what a decoder shows for the bytes of an unfinished UTF-8 character
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(ContextWindowError):
     """The prompt (or prompt + answer) does not fit the model's context window."""
 
 

@@ -7,13 +7,14 @@ runs the model over the remaining ids only, asking for the last position's logit
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
 from ..config import SamplingConfig
-from .base import Token
+from .base import ContextWindowError, Token
 from .hf import TokenChooser, TokenizerText
 
 if TYPE_CHECKING:
@@ -45,6 +46,9 @@ class LocalModel:
             loaded.tokenizer, loaded.model, loaded.context_window, loaded.name
         )
         self.live_sessions = 0
+        # transformers 5.x renamed the forward argument `past_key_values` to `cache`.
+        parameters = inspect.signature(self.model.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -94,14 +98,14 @@ class LocalSession:
         min_prob: float | None = None,
         first: Token | None = None,
     ) -> list[Token]:
+        if first is not None and (self._peeked is None or self._peeked[0] != answer):
+            raise ValueError("generate(first=...) must follow peek() of the same answer")
         ids = self._text.encode(self._prompt + answer)
         logits = self._sync(ids)
         new: list[int] = []
         out: list[Token] = []
         for k in range(max_new_tokens):
-            if k == 0 and first is not None:
-                if self._peeked is None or self._peeked[0] != answer:
-                    raise ValueError("generate(first=...) must follow peek() of the same answer")
+            if k == 0 and first is not None and self._peeked is not None:
                 token_id, top1, top2 = self._peeked[1], first.top1_prob, first.top2_prob
             else:
                 token_id, top1, top2 = self._chooser.choose(logits)
@@ -122,6 +126,7 @@ class LocalSession:
         return self._text.truncate(text, max_tokens)
 
     def close(self) -> None:
+        self._peeked = None
         if self._cache is not None:
             self._cache = None
             self._logits = None
@@ -142,15 +147,22 @@ class LocalSession:
             self._cache.crop(keep - len(self._ids))
             self._ids = self._ids[:keep]
             self._logits = None
-        self._peeked = None
         return self._forward(ids[keep:])
 
     @torch.inference_mode()
     def _forward(self, new_ids: list[int]) -> torch.Tensor:
         assert self._cache is not None
+        window = self._text.context_window
+        if window is not None and len(self._ids) + len(new_ids) > window:
+            raise ContextWindowError(
+                f"prompt + answer would exceed {self._owner.name}'s context window of {window}"
+            )
         input_ids = torch.tensor([new_ids], dtype=torch.long, device=self._owner.device)
         output = self._owner.model(
-            input_ids=input_ids, past_key_values=self._cache, use_cache=True, logits_to_keep=1
+            input_ids=input_ids,
+            **{self._owner.cache_argument: self._cache},
+            use_cache=True,
+            logits_to_keep=1,
         )
         self._ids.extend(new_ids)
         self._logits = output.logits[0, -1]

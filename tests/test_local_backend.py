@@ -1,0 +1,402 @@
+"""The cached session (backends/local.py) against the uncached oracle (reference.py).
+
+Tiny random-weight models from conftest.py; greedy fp32 unless a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import warnings
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+from langchain_nudging.algorithm import NudgingRun
+from langchain_nudging.backends.base import Token
+from langchain_nudging.backends.hf import PromptTooLongError, TokenizerText
+from langchain_nudging.backends.local import LocalModel
+from langchain_nudging.config import NudgingConfig, SamplingConfig
+from langchain_nudging.prompts import ChatMessage, render_prompts
+from langchain_nudging.reference import ReferenceModel, reference_nudge
+
+GREEDY = SamplingConfig()
+PROMPT = "You are a helpful assistant.\nQuestion: What is the capital of France?\nAnswer:"
+TOL = 1e-5
+LONG_TEXT = (
+    "The quick brown fox jumps over the lazy dog. First, we add two and three to get five. "
+    "Café, naïve, über, Zürich: 日本語 and Привет. Let me think step by step; the answer is 42."
+)
+
+
+def assert_same(got: list[Token] | Token, want: list[Token] | Token) -> None:
+    got_list = got if isinstance(got, list) else [got]
+    want_list = want if isinstance(want, list) else [want]
+    assert [(t.text, t.is_eos) for t in got_list] == [(t.text, t.is_eos) for t in want_list]
+    for g, w in zip(got_list, want_list, strict=True):
+        assert g.top1_prob == pytest.approx(w.top1_prob, abs=TOL)
+        assert g.top2_prob == pytest.approx(w.top2_prob, abs=TOL)
+
+
+@contextlib.contextmanager
+def recorded_inputs(model: Any) -> Iterator[list[list[int]]]:
+    """The ``input_ids`` of every forward pass of ``model`` while the block runs."""
+    calls: list[list[int]] = []
+
+    def record(_module: Any, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids")
+        calls.append((ids if ids is not None else args[0])[0].tolist())
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def joined(tokens: list[Token]) -> str:
+    return "".join(t.text for t in tokens)
+
+
+# --- cached == uncached ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
+def test_session_matches_uncached_through_appends_rewrites_and_crops(
+    loaded_name: str, request: pytest.FixtureRequest
+) -> None:
+    loaded = request.getfixturevalue(loaded_name)
+    local_model, ref_model = LocalModel(loaded), ReferenceModel(loaded)
+    prompt = LONG_TEXT + "\n" + PROMPT
+    local = local_model.session(prompt, GREEDY)
+    ref = ref_model.session(prompt, GREEDY)
+
+    # Appends whose re-tokenization rewrites ids already in the cache (" cap" + "ital" ->
+    # " capital", "f" + "é" -> "fé"): the session must drop those ids, not just append.
+    text = TokenizerText(loaded.tokenizer)
+    appends = [(" The cap", " The capital"), (" caf", " café"), (" the sk", " the sky")]
+    for short, long in appends:
+        before, after = text.encode(prompt + short), text.encode(prompt + long)
+        assert after[: len(before)] != before, (short, long)
+
+    first = local.generate("", 12)
+    assert_same(first, ref.generate("", 12))
+    steps: list[tuple[str, str, int]] = [
+        ("peek", "", 0),
+        ("generate", joined(first), 8),  # continue where the last window ended
+        ("peek", " The cap", 0),  # crop back to the prompt, append
+        ("peek", " The capital", 0),
+        ("peek", " The capital of France is caf", 0),
+        ("peek", " The capital of France is café", 0),
+        ("generate", " The capital of France is café", 10),
+        ("peek", " The cap", 0),  # crop into the middle
+        ("generate", " The cap and the sk", 6),  # rewrite
+        ("peek", " The cap and the sky", 0),
+        ("peek", "", 0),  # crop to the prompt
+        ("generate", " Zürich 🙂 €5", 6),  # byte-split characters
+        ("peek", " Zürich 🙂 €5" + "!" * 20, 0),
+    ]
+    for kind, answer, n in steps:
+        if kind == "peek":
+            assert_same(local.peek(answer), ref.peek(answer))
+        else:
+            assert_same(local.generate(answer, n), ref.generate(answer, n))
+
+    # The cache is reused: the oracle re-reads the whole prompt on every question.
+    assert local.tokens_processed * 4 < ref_model.tokens_processed
+    local.close()
+    assert local_model.live_sessions == 0
+
+
+def test_sliding_window_model_crops_past_the_window(gemma_b: Any) -> None:
+    config = gemma_b.model.config
+    assert "sliding_attention" in config.layer_types
+    assert config.sliding_window < 600
+    prompt = "Question: Summarize the following text.\nAnswer:"
+    long = " " + " ".join([LONG_TEXT] * 12)
+    text = TokenizerText(gemma_b.tokenizer)
+    total = len(text.encode(prompt + long))
+    assert total >= 700
+
+    def cut_at(n_tokens: int) -> str:
+        """The answer prefix that ends at a word boundary near ``n_tokens`` prompt+answer ids."""
+        chars = len(long) * n_tokens // total
+        return long[: long.rindex(" ", 0, chars)]
+
+    at_650, at_610 = cut_at(650), cut_at(610)
+    assert 600 < len(text.encode(prompt + at_610)) < len(text.encode(prompt + at_650)) < total
+
+    local = LocalModel(gemma_b).session(prompt, GREEDY)
+    ref = ReferenceModel(gemma_b).session(prompt, GREEDY)
+    assert_same(local.peek(long), ref.peek(long))  # every layer has seen > 600 positions
+    assert_same(local.peek(at_650), ref.peek(at_650))  # crop past the window
+    assert_same(local.generate(at_650 + " and", 16), ref.generate(at_650 + " and", 16))
+    assert_same(local.peek(at_610), ref.peek(at_610))
+    assert_same(local.generate(long, 8), ref.generate(long, 8))
+    local.close()
+
+
+# --- generate's contract -----------------------------------------------------------------------
+
+
+def test_min_prob_returns_the_unsure_token_last_and_stops(llama_a: Any) -> None:
+    model = LocalModel(llama_a)
+    answer = " The capital"
+    free = model.session(PROMPT, GREEDY).generate(answer, 24)
+    assert len(free) == 24, "the free run must not end early for this check"
+    probs = [t.top1_prob for t in free]
+    # The first position k >= 2 whose probability is below every earlier one.
+    k = next(i for i in range(2, len(probs)) if probs[i] < min(probs[:i]))
+    threshold = (probs[k] + min(probs[:k])) / 2
+
+    stopped = model.session(PROMPT, GREEDY).generate(answer, 24, min_prob=threshold)
+    assert_same(stopped, free[: k + 1])
+    assert stopped[-1].top1_prob < threshold
+    assert all(t.top1_prob >= threshold for t in stopped[:-1])
+    oracle = ReferenceModel(llama_a).session(PROMPT, GREEDY)
+    assert_same(stopped, oracle.generate(answer, 24, min_prob=threshold))
+
+    # Without `first`, an unsure first token is returned alone.
+    assert free[0].top1_prob < 1.0
+    assert len(model.session(PROMPT, GREEDY).generate(answer, 24, min_prob=1.0)) == 1
+
+
+def test_first_must_be_the_peek_of_the_same_answer(llama_a: Any) -> None:
+    session = LocalModel(llama_a).session(PROMPT, GREEDY)
+    oracle = ReferenceModel(llama_a).session(PROMPT, GREEDY)
+    answer = " The capital"
+    peeked = session.peek(answer)
+    assert_same(peeked, oracle.peek(answer))
+
+    with pytest.raises(ValueError, match="peek"):
+        session.generate(answer + " of", 4, first=peeked)  # a different answer than the peek
+    with pytest.raises(ValueError, match="peek"):
+        LocalModel(llama_a).session(PROMPT, GREEDY).generate(answer, 4, first=peeked)  # no peek
+
+    session.peek(answer)
+    # min_prob=1.0 stops at any token, but never at `first`: it was already decided.
+    tokens = session.generate(answer, 8, min_prob=1.0, first=peeked)
+    assert len(tokens) == 2
+    assert tokens[0] == peeked
+    assert_same(tokens, oracle.generate(answer, 8, min_prob=1.0, first=peeked))
+
+
+def test_first_is_accepted_after_a_memoised_peek(llama_a: Any) -> None:
+    session = LocalModel(llama_a).session(PROMPT, GREEDY)
+    oracle = ReferenceModel(llama_a).session(PROMPT, GREEDY)
+    answer = " The capital"
+    session.peek(answer)
+    session.generate(answer, 4)  # the cache now runs past `answer`
+    peeked = session.peek(answer)  # the same answer: served from the memo
+    tokens = session.generate(answer, 4, first=peeked)
+    assert_same(tokens, oracle.generate(answer, 4, first=peeked))
+
+
+@pytest.mark.parametrize(
+    ("loaded_name", "special"),
+    [
+        ("llama_a", "<|end_of_text|>"),
+        ("llama_a", "<|pad|>"),
+        ("gemma_b", "</s>"),
+        ("gemma_b", "<|im_end|>"),
+        ("gemma_b", "<|im_start|>"),
+    ],
+)
+def test_a_special_token_ends_generation(
+    loaded_name: str, special: str, request: pytest.FixtureRequest, forced_next: Any
+) -> None:
+    loaded = request.getfixturevalue(loaded_name)
+    tokenizer = loaded.tokenizer
+    last = TokenizerText(tokenizer).encode(PROMPT)[-1]
+    word = tokenizer.convert_tokens_to_ids("Ġthe" if loaded_name == "llama_a" else "▁the")
+    special_id = tokenizer.convert_tokens_to_ids(special)
+    with forced_next(loaded, {last: word, word: special_id}):
+        tokens = LocalModel(loaded).session(PROMPT, GREEDY).generate("", 10)
+        assert [(t.text, t.is_eos) for t in tokens] == [(" the", False), ("", True)]
+        assert tokens[1].top1_prob > 0.99
+        assert_same(tokens, ReferenceModel(loaded).session(PROMPT, GREEDY).generate("", 10))
+        peeked = LocalModel(loaded).session(PROMPT, GREEDY).peek(" the")
+        assert (peeked.text, peeked.is_eos) == ("", True)
+
+
+def _byte_token(tokenizer: Any, byte: int, byte_level: bool) -> int:
+    if not byte_level:
+        return tokenizer.convert_tokens_to_ids(f"<0x{byte:02X}>")
+    # GPT-2's byte -> printable character table.
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    shifted = {b: chr(b) for b in printable}
+    extra = (b for b in range(256) if b not in shifted)
+    shifted.update({b: chr(256 + i) for i, b in enumerate(extra)})
+    return tokenizer.convert_tokens_to_ids(shifted[byte])
+
+
+@pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
+def test_a_split_character_arrives_with_its_last_byte(
+    loaded_name: str, request: pytest.FixtureRequest, forced_next: Any
+) -> None:
+    loaded = request.getfixturevalue(loaded_name)
+    tokenizer = loaded.tokenizer
+    ids = [_byte_token(tokenizer, b, loaded_name == "llama_a") for b in "€".encode()]
+    assert len(set(ids)) == 3
+    assert tokenizer.unk_token_id not in ids
+    script = dict(zip([TokenizerText(tokenizer).encode(PROMPT)[-1], *ids], ids, strict=False))
+    script[ids[-1]] = tokenizer.eos_token_id
+    with forced_next(loaded, script):
+        tokens = LocalModel(loaded).session(PROMPT, GREEDY).generate("", 10)
+        assert [t.text for t in tokens] == ["", "", "€", ""]
+        assert [t.is_eos for t in tokens] == [False, False, False, True]
+        assert_same(tokens, ReferenceModel(loaded).session(PROMPT, GREEDY).generate("", 10))
+
+
+@pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
+def test_no_double_bos_when_the_prompt_starts_with_it(
+    loaded_name: str, request: pytest.FixtureRequest
+) -> None:
+    loaded = request.getfixturevalue(loaded_name)
+    bos, bos_id = loaded.tokenizer.bos_token, loaded.tokenizer.bos_token_id
+    model = LocalModel(loaded)
+    with recorded_inputs(loaded.model) as calls:
+        with_bos = model.session(bos + PROMPT, GREEDY).peek("")
+        plain = model.session(PROMPT, GREEDY).peek("")
+    assert len(calls) == 2
+    for ids in calls:
+        assert ids[0] == bos_id
+        assert ids.count(bos_id) == 1
+    if loaded_name == "llama_a":  # byte-level BPE: the text after the BOS tokenizes the same
+        assert calls[0] == calls[1]
+        assert_same(with_bos, plain)
+
+
+def test_prompt_too_long_is_refused_when_the_session_opens(llama_a: Any) -> None:
+    small = dataclasses.replace(llama_a, context_window=24)
+    model = LocalModel(small)
+    long_prompt = PROMPT * 3
+    with pytest.raises(PromptTooLongError, match=small.name):
+        model.session(long_prompt, GREEDY)
+    assert model.live_sessions == 0
+    with pytest.raises(PromptTooLongError):
+        ReferenceModel(small).session(long_prompt, GREEDY)
+
+    session = model.session("Question: hi\nAnswer:", GREEDY)
+    session.peek(" ok")
+    with pytest.raises(PromptTooLongError):
+        session.peek(" and then" * 10)  # prompt + answer no longer fits
+    session.close()
+    assert model.live_sessions == 0
+
+
+# --- sampling ------------------------------------------------------------------------------------
+
+
+def test_sampling_is_seeded_and_confidence_is_the_raw_softmax(llama_a: Any) -> None:
+    model = LocalModel(llama_a)
+    hot = SamplingConfig(temperature=1.5, seed=7)
+    with recorded_inputs(llama_a.model) as calls:
+        tokens = model.session(PROMPT, hot).generate("", 16)
+    assert len(tokens) == 16
+    again = model.session(PROMPT, hot).generate("", 16)
+    assert [(t.text, t.top1_prob) for t in again] == [(t.text, t.top1_prob) for t in tokens]
+    other = model.session(PROMPT, SamplingConfig(temperature=1.5, seed=8)).generate("", 16)
+    assert [t.text for t in other] != [t.text for t in tokens]
+
+    # The forward passes show which ids were sampled; one uncached pass over them gives the
+    # raw distributions the reported probabilities must come from.
+    prompt_ids = calls[0]
+    sampled = [ids[0] for ids in calls[1:]]
+    with torch.inference_mode():
+        logits = llama_a.model(input_ids=torch.tensor([prompt_ids + sampled])).logits[0]
+    raw = torch.softmax(logits[len(prompt_ids) - 1 :], dim=-1)
+    top = torch.topk(raw, 2, dim=-1)
+    for k, token in enumerate(tokens):
+        assert token.top1_prob == pytest.approx(top.values[k, 0].item(), abs=TOL)
+        assert token.top2_prob == pytest.approx(top.values[k, 1].item(), abs=TOL)
+    assert any(s != int(i) for s, i in zip(sampled, top.indices[:, 0], strict=False)), (
+        "temperature 1.5 should pick a non-argmax token somewhere"
+    )
+
+    greedy = model.session(PROMPT, GREEDY).peek(" The")
+    for sampling in (
+        SamplingConfig(temperature=0.2, seed=1),
+        SamplingConfig(temperature=5.0, seed=1),
+        SamplingConfig(temperature=0.7, top_p=0.5, top_k=3, seed=1),
+    ):
+        peeked = model.session(PROMPT, sampling).peek(" The")
+        assert peeked.top1_prob == pytest.approx(greedy.top1_prob, abs=TOL)
+        assert peeked.top2_prob == pytest.approx(greedy.top2_prob, abs=TOL)
+
+
+def test_the_session_uses_no_deprecated_model_argument(llama_a: Any) -> None:
+    session = LocalModel(llama_a).session(PROMPT, GREEDY)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        session.generate(" The", 3)
+
+
+# --- closing -------------------------------------------------------------------------------------
+
+
+def test_close_frees_the_cache_and_the_session(llama_a: Any) -> None:
+    model = LocalModel(llama_a)
+    first, second = model.session(PROMPT, GREEDY), model.session(PROMPT, GREEDY)
+    assert model.live_sessions == 2
+    first.generate(" The", 4)
+    cache = weakref.ref(first._cache)
+    first.close()
+    gc.collect()
+    assert cache() is None
+    assert model.live_sessions == 1
+    first.close()  # idempotent
+    assert model.live_sessions == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        first.peek(" The capital")
+    with pytest.raises(RuntimeError, match="closed"):
+        first.generate(" The", 4)
+    second.close()
+    assert model.live_sessions == 0
+
+
+def test_a_closed_session_refuses_a_repeated_peek(llama_a: Any) -> None:
+    session = LocalModel(llama_a).session(PROMPT, GREEDY)
+    session.peek(" The")
+    session.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        session.peek(" The")
+
+
+# --- nudging over cached sessions == the oracle ---------------------------------------------------
+
+QUESTIONS = ["What is the capital of France?", "Why is the sky blue?", "Tell me a story."]
+
+
+@pytest.mark.parametrize("windows", ["default", "short"])
+@pytest.mark.parametrize("pair", ["cross-tokenizer", "same-tokenizer"])
+@pytest.mark.parametrize("question", QUESTIONS)
+def test_nudging_over_cached_sessions_equals_the_oracle(
+    windows: str, pair: str, question: str, request: pytest.FixtureRequest
+) -> None:
+    base = request.getfixturevalue("llama_a" if pair == "cross-tokenizer" else "llama_b")
+    nudging = request.getfixturevalue("gemma_b")
+    prompts = render_prompts([ChatMessage("user", question)], nudging.tokenizer)
+    # Short windows put many chunk boundaries (re-read as text) inside base turns.
+    sizes = {"draft_tokens": 5, "chunk_tokens": 3} if windows == "short" else {}
+    config = NudgingConfig(gamma=0.4, max_tokens=40, stop=prompts.stop, **sizes)
+
+    base_model, nudging_model = LocalModel(base), LocalModel(nudging)
+    run = NudgingRun(
+        base_model.session(prompts.base, config.base_sampling),
+        nudging_model.session(prompts.nudging, config.nudging_sampling),
+        config,
+    )
+    segments = list(run)
+    base_ref, nudging_ref = ReferenceModel(base), ReferenceModel(nudging)
+    oracle = reference_nudge(base_ref, nudging_ref, prompts.base, prompts.nudging, config)
+
+    assert run.text == oracle.text
+    assert "".join(s.text for s in segments) == run.text
+    assert (run.finish_reason, run.rounds) == (oracle.finish_reason, oracle.rounds)
+    assert {s.source for s in segments} == {"base", "nudge"}
+    assert run.base.tokens_processed < base_ref.tokens_processed

@@ -1,0 +1,246 @@
+"""Conversation -> the base model's transcript and the nudging model's chat prompt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from langchain_nudging.backends.hf import TokenizerText
+from langchain_nudging.prompts import (
+    DEFAULT_SYSTEM,
+    BasePromptFormat,
+    ChatMessage,
+    base_prompt,
+    chat_prompt,
+    normalize,
+    render_prompts,
+)
+
+# Gemma-like: no system role (raises), "model" for the assistant, emits its BOS.
+NO_SYSTEM_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+# Llama-2/Mistral-like: an optional leading system message, then strictly user/assistant/...
+ALTERNATING_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ '[INST] ' + (system + '\\n\\n' if loop.first and system else '') "
+    "+ message['content'] + ' [/INST]' }}"
+    "{% else %}{{ ' ' + message['content'] + '</s>' }}{% endif %}"
+    "{% endfor %}"
+)
+
+# ChatML that starts with the BOS text.
+BOS_CHATML_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+MakeTokenizer = Callable[..., Any]
+
+
+def user(text: str) -> ChatMessage:
+    return ChatMessage("user", text)
+
+
+def assistant(text: str) -> ChatMessage:
+    return ChatMessage("assistant", text)
+
+
+def system(text: str) -> ChatMessage:
+    return ChatMessage("system", text)
+
+
+def render(tokenizer: Any, chat: list[dict[str, str]]) -> str:
+    return tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+
+
+# --- the base model's transcript ------------------------------------------------------------------
+
+
+def test_single_turn_base_transcript_and_chatml_prompt(sp_tokenizer: Any) -> None:
+    prompts = render_prompts([user("What is 2+2?")], sp_tokenizer)
+    assert prompts.base == "You are a helpful assistant.\nQuestion: What is 2+2?\nAnswer: "
+    assert prompts.stop == ("\nQuestion:", "\nAnswer:")
+    # The template's own default system message is replaced by the request's system text.
+    assert prompts.nudging == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_multi_turn_transcript_uses_its_stop_strings_as_turn_markers(sp_tokenizer: Any) -> None:
+    messages = [
+        system("Be brief."),
+        user("What is 2+2?"),
+        assistant("4."),
+        user("And 3+3?"),
+    ]
+    prompts = render_prompts(messages, sp_tokenizer)
+    assert prompts.base == (
+        "Be brief.\nQuestion: What is 2+2?\nAnswer: 4.\nQuestion: And 3+3?\nAnswer: "
+    )
+    # Each turn after the first starts with a stop string: a base model that writes the next
+    # turn itself is cut there.
+    assert prompts.base.count("\nQuestion:") == 2
+    assert prompts.base.count("\nAnswer:") == 2
+    assert prompts.nudging == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+        "<|im_start|>assistant\n4.<|im_end|>\n"
+        "<|im_start|>user\nAnd 3+3?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def test_custom_base_format(sp_tokenizer: Any) -> None:
+    fmt = BasePromptFormat(
+        system="Answer the question by walking through the reasoning steps.",
+        user_prefix="Instruction: ",
+        assistant_prefix="Response: ",
+    )
+    prompts = render_prompts([user("Add 2 and 3.")], sp_tokenizer, fmt)
+    assert prompts.base == (
+        "Answer the question by walking through the reasoning steps.\n"
+        "Instruction: Add 2 and 3.\nResponse: "
+    )
+    assert prompts.stop == ("\nInstruction:", "\nResponse:")
+    assert "Answer the question by walking through the reasoning steps." in prompts.nudging
+    assert base_prompt(None, [user("q")], "", fmt) == fmt.system + "\nInstruction: q\nResponse: "
+
+
+# --- the nudging model's chat prompt --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer", ["Paris.", " leading space", "trailing space ", "two\nlines"])
+def test_the_answer_continues_the_nudging_prompt_verbatim(sp_tokenizer: Any, answer: str) -> None:
+    messages = [user("What is the capital of France?")]
+    prompts = render_prompts(messages, sp_tokenizer)
+    assert prompts.nudging.endswith("<|im_start|>assistant\n")
+    whole = render(
+        sp_tokenizer,
+        [
+            {"role": "system", "content": DEFAULT_SYSTEM},
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": answer},
+        ],
+    )
+    assert whole == prompts.nudging + answer
+
+
+def test_a_template_without_system_role_gets_it_in_the_first_user_message(
+    make_tokenizer: MakeTokenizer,
+) -> None:
+    tokenizer = make_tokenizer("sp", chat_template=NO_SYSTEM_TEMPLATE)
+    with pytest.raises(Exception, match="System role not supported"):
+        render(tokenizer, [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}])
+
+    messages = [system("Be brief."), user("Hi"), assistant("Hello."), user("Bye")]
+    assert render_prompts(messages, tokenizer).nudging == (
+        "<s><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello.<end_of_turn>\n"
+        "<start_of_turn>user\nBye<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    # Without a system message the default system text is folded in the same way.
+    assert render_prompts([user("Hi")], tokenizer).nudging == (
+        f"<s><start_of_turn>user\n{DEFAULT_SYSTEM}\n\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+
+
+def test_a_template_that_insists_on_alternation_gets_merged_turns(
+    make_tokenizer: MakeTokenizer,
+) -> None:
+    tokenizer = make_tokenizer("sp", chat_template=ALTERNATING_TEMPLATE)
+    with pytest.raises(Exception, match="alternate"):
+        render(tokenizer, [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+
+    messages = [user("a"), user("b"), assistant("c"), assistant("d"), user("e")]
+    prompts = render_prompts(messages, tokenizer)
+    assert prompts.nudging == (
+        f"[INST] {DEFAULT_SYSTEM}\n\na\n\nb [/INST] c\n\nd</s>[INST] e [/INST] "
+    )
+    assert prompts.base == (
+        f"{DEFAULT_SYSTEM}\nQuestion: a\n\nb\nAnswer: c\n\nd\nQuestion: e\nAnswer: "
+    )
+    assert normalize(messages) == (None, [user("a\n\nb"), assistant("c\n\nd"), user("e")], "")
+
+
+@pytest.mark.parametrize(
+    ("kind", "template"), [("byte", BOS_CHATML_TEMPLATE), ("sp", NO_SYSTEM_TEMPLATE)]
+)
+def test_a_template_that_writes_the_bos_gives_a_single_bos(
+    make_tokenizer: MakeTokenizer, kind: str, template: str
+) -> None:
+    tokenizer = make_tokenizer(kind, chat_template=template)
+    prompts = render_prompts([user("Hi")], tokenizer)
+    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
+    assert prompts.nudging.startswith(bos)
+    # What a careless encode would do: the tokenizer adds its own BOS in front of the template's.
+    assert tokenizer(prompts.nudging)["input_ids"][:2] == [bos_id, bos_id]
+    text = TokenizerText(tokenizer)
+    for ids in (text.encode(prompts.nudging), text.encode(prompts.nudging + "Hello there")):
+        assert ids[0] == bos_id
+        assert ids.count(bos_id) == 1
+
+
+def test_a_trailing_assistant_message_is_the_answer_prefix(sp_tokenizer: Any) -> None:
+    messages = [user("Name a colour."), assistant("The colour is "), assistant("light")]
+    assert normalize(messages) == (None, [user("Name a colour.")], "The colour is \n\nlight")
+
+    prompts = render_prompts([user("Name a colour."), assistant("The colour is ")], sp_tokenizer)
+    assert prompts.base.endswith("\nQuestion: Name a colour.\nAnswer: The colour is ")
+    assert prompts.nudging.endswith("<|im_start|>assistant\nThe colour is ")
+    assert prompts.nudging.count("<|im_start|>assistant") == 1
+    assert chat_prompt(sp_tokenizer, None, [user("q")], "pre").endswith("assistant\npre")
+
+
+@pytest.mark.parametrize("kind", ["byte", "sp"])
+def test_no_chat_template_falls_back_to_the_base_transcript(
+    make_tokenizer: MakeTokenizer, kind: str
+) -> None:
+    tokenizer = make_tokenizer(kind, chat_template=None)
+    messages = [system("Be brief."), user("Hi"), assistant("Hel")]
+    prompts = render_prompts(messages, tokenizer)
+    assert prompts.nudging == prompts.base == "Be brief.\nQuestion: Hi\nAnswer: Hel"
+
+
+def test_normalize_joins_system_messages_wherever_they_are() -> None:
+    messages = [system("One."), user("q"), system("Two.")]
+    assert normalize(messages) == ("One.\n\nTwo.", [user("q")], "")
+
+
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        ([], r"^messages: .*empty"),
+        ([system("S")], r"^messages: .*user message"),
+        ([system("S"), assistant("A")], r"^messages: .*user message"),
+        ([user("q"), ChatMessage("tool", "x")], r"^messages\[1\]\.role: 'tool'"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_conversations_raise_value_error_naming_messages(
+    sp_tokenizer: Any, messages: list[ChatMessage], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        normalize(messages)
+    with pytest.raises(ValueError, match=match):
+        render_prompts(messages, sp_tokenizer)
