@@ -32,7 +32,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 integration: $(STAMP)
-	$(BIN)/python -m pytest integration_tests
+	$(BIN)/python -m pytest integration_tests -m "not slow"
 
 test: lint unit integration
 

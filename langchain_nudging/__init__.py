@@ -3,7 +3,7 @@
 from ._version import __version__
 from .algorithm import NudgingRun, Segment
 from .config import NudgingConfig, SamplingConfig
-from .engine import Generation, GenerationStats, NudgingPair
+from .generation import Generation, GenerationStats, NudgingPair
 from .models import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,

@@ -17,6 +17,7 @@ from .backends.base import ContextWindowError, TextSession, Token
 from .config import NudgingConfig
 
 Source = Literal["base", "nudge"]
+Mode = Literal["nudged", "base", "nudging"]
 FinishReason = Literal["stop", "length", "repetition", "round_cap"]
 
 
@@ -284,3 +285,49 @@ class NudgingRun:
                 return handover
             context = writer.answer
         return None
+
+
+class SoloRun:
+    """One model alone, for baselines: the same prompt, windows and stop rules, no nudging.
+
+    The model writes ``chunk_tokens`` tokens at a time, re-reading the answer as text at each
+    window boundary, until an end-of-sequence token or a stop rule.
+    """
+
+    def __init__(
+        self,
+        session: TextSession,
+        config: NudgingConfig,
+        source: Source,
+        count_tokens: Callable[[str], int],
+        truncate_tokens: Callable[[str, int], str],
+    ) -> None:
+        self.session = session
+        self.config = config
+        self.source: Source = source
+        self.writer = AnswerWriter(config, count_tokens, truncate_tokens)
+        self.rounds = 0
+
+    @property
+    def text(self) -> str:
+        return self.writer.answer
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.writer.finish_reason
+
+    def __iter__(self) -> Iterator[Segment]:
+        writer = self.writer
+        try:
+            while not writer.done:
+                self.rounds += 1
+                window = self.session.generate(writer.answer, self.config.chunk_tokens)
+                taken = [t for t in window if not t.is_eos]
+                text = "".join(t.text for t in taken)
+                if text:
+                    prob = min(t.top1_prob for t in taken) if self.source == "base" else None
+                    yield from writer.append(Segment(text, self.source, prob))
+                if window[-1].is_eos:
+                    yield from writer.finish("stop")
+        except ContextWindowError:
+            yield from writer.finish("length")

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from .algorithm import Segment
 from .config import NudgingConfig, SamplingConfig
-from .engine import Generation, NudgingPair
+from .generation import Generation, NudgingPair
 from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, ModelLoadError
 from .prompts import ChatMessage
 

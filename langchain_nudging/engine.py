@@ -1,134 +1,274 @@
-"""A loaded base/nudging pair that answers conversations with streamed segments."""
+"""The engine: one worker thread owns a loaded pair and serves many requests.
+
+Callers (threads or asyncio tasks) ``submit`` a conversation and read events from the returned
+:class:`RequestHandle`: segments as they are decided, then one :class:`Finished` (or an
+:class:`Failed`). The worker advances every active request one step (one segment) at a time in
+turn, so a long answer never holds up a short one, and no forward pass ever runs on a caller's
+event loop. Cancelling a request ends it at its next step and frees its sessions.
+"""
 
 from __future__ import annotations
 
-import os
-import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import asyncio
+import atexit
+import contextlib
+import threading
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import count
 
-from .algorithm import NudgingRun, Segment
-from .backends.local import LocalModel
+from .algorithm import Mode, Segment
 from .config import NudgingConfig
-from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, LoadedModel, load_model
-from .prompts import BasePromptFormat, ChatMessage, render_prompts
+from .generation import Generation, GenerationStats, NudgingPair
+from .prompts import ChatMessage
+
+DEFAULT_MAX_REQUESTS = 64
 
 
-@dataclass
-class GenerationStats:
-    """What one answer cost and who wrote it. Tokens are counted with the base tokenizer."""
-
-    finish_reason: str | None = None
-    base_tokens: int = 0
-    nudge_tokens: int = 0
-    base_words: int = 0
-    nudge_words: int = 0
-    rounds: int = 0
-    forward_passes: dict[str, int] = field(default_factory=dict)
-    tokens_processed: dict[str, int] = field(default_factory=dict)
-    prompt_tokens: int = 0
-    time_to_first_segment: float | None = None
-    wall_time: float = 0.0
-
-    @property
-    def nudged_share(self) -> float:
-        total = self.base_tokens + self.nudge_tokens
-        return self.nudge_tokens / total if total else 0.0
-
-    def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "nudged_share": round(self.nudged_share, 4)}
+class EngineBusyError(RuntimeError):
+    """More requests than the engine's ``max_requests`` are queued or running."""
 
 
-class Generation:
-    """One streamed answer: iterate for segments, then read ``text`` and ``stats``."""
+class EngineClosedError(RuntimeError):
+    """The engine was shut down."""
 
-    def __init__(self, pair: NudgingPair, messages: Sequence[ChatMessage], config: NudgingConfig):
-        prompts = render_prompts(messages, pair.nudging.text.tokenizer, pair.base_format)
-        self.config = config.model_copy(update={"stop": (*config.stop, *prompts.stop)})
-        self.prompts = prompts
-        self._pair = pair
-        self.segments: list[Segment] = []
-        self._started = False
-        # Both prompts must fit their context windows: raise before anything runs.
-        prompt_tokens = len(pair.base.text.encode(prompts.base))
-        pair.nudging.text.encode(prompts.nudging)
-        self.stats = GenerationStats(prompt_tokens=prompt_tokens)
 
-    @property
-    def text(self) -> str:
-        return "".join(s.text for s in self.segments)
+@dataclass(frozen=True, slots=True)
+class SegmentEvent:
+    segment: Segment
 
-    def __iter__(self) -> Iterator[Segment]:
-        if self._started:
-            raise RuntimeError("a Generation can be iterated only once")
-        self._started = True
-        pair, stats = self._pair, self.stats
-        start = time.perf_counter()
-        base = pair.base.session(self.prompts.base, self.config.base_sampling)
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """The request ended; ``stats.finish_reason`` is ``"cancelled"`` after :meth:`cancel`."""
+
+    text: str
+    stats: GenerationStats
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: BaseException
+
+
+Event = SegmentEvent | Finished | Failed
+
+
+class RequestHandle:
+    """One submitted request: its events, for a blocking or an asyncio consumer."""
+
+    def __init__(self, engine: NudgingEngine, request_id: int, generation: Generation) -> None:
+        self.id = request_id
+        self.generation = generation
+        self._engine = engine
+        self._events: deque[Event] = deque()
+        self._lock = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+        self.cancelled = False
+        self.done = False
+
+    # -- consumer side -----------------------------------------------------------------------
+    def cancel(self) -> None:
+        """End the request at its next step; its sessions are freed by the worker."""
+        self.cancelled = True
+        self._engine._notify()
+
+    def __iter__(self) -> Iterator[Event]:
+        """Blocking iteration; leaving early cancels the request."""
         try:
-            nudging = pair.nudging.session(self.prompts.nudging, self.config.nudging_sampling)
-        except BaseException:
-            base.close()
-            raise
-        run = NudgingRun(base, nudging, self.config)
-        try:
-            for segment in run:
-                if stats.time_to_first_segment is None:
-                    stats.time_to_first_segment = time.perf_counter() - start
-                self.segments.append(segment)
-                self._count(segment)
-                yield segment
+            while True:
+                with self._lock:
+                    while not self._events:
+                        self._lock.wait()
+                    event = self._events.popleft()
+                yield event
+                if not isinstance(event, SegmentEvent):
+                    return
         finally:
-            stats.finish_reason = run.finish_reason
-            stats.rounds = run.rounds
-            stats.forward_passes = {"base": base.forward_passes, "nudging": nudging.forward_passes}
-            stats.tokens_processed = {
-                "base": base.tokens_processed,
-                "nudging": nudging.tokens_processed,
-            }
-            stats.wall_time = time.perf_counter() - start
-            base.close()
-            nudging.close()
+            if not self.done:
+                self.cancel()
 
-    def _count(self, segment: Segment) -> None:
-        tokens = self._pair.base.text.count(segment.text)
-        words = len(segment.text.split())
-        if segment.source == "base":
-            self.stats.base_tokens += tokens
-            self.stats.base_words += words
-        else:
-            self.stats.nudge_tokens += tokens
-            self.stats.nudge_words += words
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        """Asyncio iteration on the caller's running loop; leaving early cancels the request."""
+        loop = asyncio.get_running_loop()
+        wakeup = asyncio.Event()
+        with self._lock:
+            self._loop, self._wakeup = loop, wakeup
+        try:
+            while True:
+                with self._lock:
+                    event = self._events.popleft() if self._events else None
+                    if event is None:
+                        wakeup.clear()
+                if event is None:
+                    await wakeup.wait()
+                    continue
+                yield event
+                if not isinstance(event, SegmentEvent):
+                    return
+        finally:
+            if not self.done:
+                self.cancel()
+
+    def segments(self) -> Iterator[Segment]:
+        """Blocking iteration over segments only; a failure raises here."""
+        for event in self:
+            if isinstance(event, SegmentEvent):
+                yield event.segment
+            elif isinstance(event, Failed):
+                raise event.error
+
+    def result(self) -> Finished:
+        """Wait for the end; returns the :class:`Finished` event or raises the failure."""
+        for event in self:
+            if isinstance(event, Finished):
+                return event
+            if isinstance(event, Failed):
+                raise event.error
+        raise RuntimeError("the request's events were already consumed")
+
+    async def aresult(self) -> Finished:
+        async for event in self:
+            if isinstance(event, Finished):
+                return event
+            if isinstance(event, Failed):
+                raise event.error
+        raise RuntimeError("the request's events were already consumed")
+
+    # -- worker side -------------------------------------------------------------------------
+    def _push(self, event: Event) -> None:
+        with self._lock:
+            if not isinstance(event, SegmentEvent):
+                self.done = True
+            self._events.append(event)
+            self._lock.notify_all()
+            loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None:
+            with contextlib.suppress(RuntimeError):  # the consumer's loop is already closed
+                loop.call_soon_threadsafe(wakeup.set)
 
 
-class NudgingPair:
-    """A base model and a nudging model, loaded, ready to answer."""
+class _Job:
+    def __init__(self, handle: RequestHandle) -> None:
+        self.handle = handle
+        self.steps = iter(handle.generation)
 
-    def __init__(
+    def step(self) -> bool:
+        """Advance one segment; returns whether the job is still active."""
+        handle = self.handle
+        if handle.cancelled:
+            self.close()
+            handle.generation.stats.finish_reason = "cancelled"
+            handle._push(Finished(handle.generation.text, handle.generation.stats))
+            return False
+        try:
+            segment = next(self.steps)
+        except StopIteration:
+            handle._push(Finished(handle.generation.text, handle.generation.stats))
+            return False
+        except Exception as error:  # one request's failure is that request's alone
+            self.close()
+            handle._push(Failed(error))
+            return False
+        handle._push(SegmentEvent(segment))
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.steps.close()  # type: ignore[attr-defined]
+
+
+class NudgingEngine:
+    """A resident pair served by one worker thread."""
+
+    def __init__(self, pair: NudgingPair, max_requests: int = DEFAULT_MAX_REQUESTS) -> None:
+        if max_requests < 1:
+            raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+        self.pair = pair
+        self.max_requests = max_requests
+        self._ids = count(1)
+        self._incoming: deque[_Job] = deque()
+        self._active: list[_Job] = []
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        _ENGINES.add(self)
+
+    # -- callers -------------------------------------------------------------------------------
+    def submit(
         self,
-        base: LoadedModel,
-        nudging: LoadedModel,
-        base_format: BasePromptFormat | None = None,
-    ) -> None:
-        self.base = LocalModel(base)
-        self.nudging = LocalModel(nudging)
-        self.base_format = base_format or BasePromptFormat()
+        messages: Sequence[ChatMessage],
+        config: NudgingConfig | None = None,
+        mode: Mode = "nudged",
+    ) -> RequestHandle:
+        """Queue a request. Bad input and a full queue raise here, before anything runs."""
+        generation = self.pair.generate(messages, config, mode)
+        with self._wakeup:
+            if self._closed:
+                raise EngineClosedError("the engine was shut down")
+            if self.live_requests >= self.max_requests:
+                raise EngineBusyError(
+                    f"{self.live_requests} requests are queued or running, the engine's "
+                    f"max_requests is {self.max_requests}; retry later or raise max_requests"
+                )
+            handle = RequestHandle(self, next(self._ids), generation)
+            self._incoming.append(_Job(handle))
+            self._ensure_worker()
+            self._wakeup.notify()
+        return handle
 
-    @classmethod
-    def load(
-        cls,
-        base: str | os.PathLike | LoadedModel = BUNDLED_BASE_ID,
-        nudging: str | os.PathLike | LoadedModel = BUNDLED_NUDGING_ID,
-        *,
-        base_format: BasePromptFormat | None = None,
-        **options: Any,
-    ) -> NudgingPair:
-        """Load (or reuse from the registry) both models; ``options`` go to ``load_model``."""
-        return cls(load_model(base, **options), load_model(nudging, **options), base_format)
+    @property
+    def live_requests(self) -> int:
+        return len(self._incoming) + len(self._active)
 
-    def generate(
-        self, messages: Sequence[ChatMessage], config: NudgingConfig | None = None
-    ) -> Generation:
-        """Prepare an answer; nothing runs until the result is iterated."""
-        return Generation(self, messages, config or NudgingConfig())
+    @property
+    def live_sessions(self) -> int:
+        return self.pair.live_sessions
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Cancel what is running, end the worker; later submits raise EngineClosedError."""
+        with self._wakeup:
+            self._closed = True
+            for job in (*self._incoming, *self._active):
+                job.handle.cancelled = True
+            self._wakeup.notify()
+        thread = self._thread
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    # -- the worker ----------------------------------------------------------------------------
+    def _notify(self) -> None:
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def _ensure_worker(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="nudging-engine", daemon=True)
+            self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._incoming and not self._active and not self._closed:
+                    self._wakeup.wait()
+                self._active.extend(self._incoming)
+                self._incoming.clear()
+                if self._closed and not self._active:
+                    return
+                jobs = list(self._active)
+            finished = [job for job in jobs if not job.step()]
+            if finished:
+                with self._wakeup:
+                    self._active = [job for job in self._active if job not in finished]
+
+
+_ENGINES: weakref.WeakSet[NudgingEngine] = weakref.WeakSet()
+
+
+@atexit.register
+def _shutdown_all() -> None:
+    for engine in list(_ENGINES):
+        engine.shutdown(wait=True)

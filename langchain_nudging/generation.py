@@ -1,0 +1,163 @@
+"""A loaded base/nudging pair answering one conversation at a time, as a stream of segments.
+
+This is the synchronous core that the engine's worker thread drives step by step.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .algorithm import Mode, NudgingRun, Segment, SoloRun
+from .backends.local import LocalModel, LocalSession
+from .config import NudgingConfig
+from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, LoadedModel, load_model
+from .prompts import BasePromptFormat, ChatMessage, render_prompts
+
+
+@dataclass
+class GenerationStats:
+    """What one answer cost and who wrote it. Tokens are counted with the base tokenizer."""
+
+    finish_reason: str | None = None
+    base_tokens: int = 0
+    nudge_tokens: int = 0
+    base_words: int = 0
+    nudge_words: int = 0
+    rounds: int = 0
+    forward_passes: dict[str, int] = field(default_factory=dict)
+    tokens_processed: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    time_to_first_segment: float | None = None
+    wall_time: float = 0.0
+
+    @property
+    def nudged_share(self) -> float:
+        total = self.base_tokens + self.nudge_tokens
+        return self.nudge_tokens / total if total else 0.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {**asdict(self), "nudged_share": round(self.nudged_share, 4)}
+
+
+class Generation:
+    """One streamed answer: iterate for segments, then read ``text`` and ``stats``."""
+
+    def __init__(
+        self,
+        pair: NudgingPair,
+        messages: Sequence[ChatMessage],
+        config: NudgingConfig,
+        mode: Mode = "nudged",
+    ) -> None:
+        if mode not in ("nudged", "base", "nudging"):
+            raise ValueError(f"mode: {mode!r} is not one of 'nudged', 'base', 'nudging'")
+        self.mode = mode
+        prompts = render_prompts(messages, pair.nudging.text.tokenizer, pair.base_format)
+        self.config = config.model_copy(update={"stop": (*config.stop, *prompts.stop)})
+        self.prompts = prompts
+        self._pair = pair
+        self.segments: list[Segment] = []
+        self._started = False
+        # Both prompts must fit their context windows: raise before anything runs.
+        prompt_tokens = len(pair.base.text.encode(prompts.base))
+        pair.nudging.text.encode(prompts.nudging)
+        self.stats = GenerationStats(prompt_tokens=prompt_tokens)
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+    def __iter__(self) -> Iterator[Segment]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated only once")
+        self._started = True
+        pair, stats = self._pair, self.stats
+        start = time.perf_counter()
+        config, prompts = self.config, self.prompts
+        count, truncate = pair.base.text.count, pair.base.text.truncate
+        sessions: dict[str, LocalSession] = {}
+        run: NudgingRun | SoloRun | None = None
+        try:
+            if self.mode != "nudging":
+                sessions["base"] = pair.base.session(prompts.base, config.base_sampling)
+            if self.mode != "base":
+                sessions["nudging"] = pair.nudging.session(prompts.nudging, config.nudging_sampling)
+            if self.mode == "nudged":
+                run = NudgingRun(sessions["base"], sessions["nudging"], config)
+            elif self.mode == "base":
+                run = SoloRun(sessions["base"], config, "base", count, truncate)
+            else:
+                run = SoloRun(sessions["nudging"], config, "nudge", count, truncate)
+            for segment in run:
+                if stats.time_to_first_segment is None:
+                    stats.time_to_first_segment = time.perf_counter() - start
+                self.segments.append(segment)
+                self._count(segment)
+                yield segment
+        finally:
+            if run is not None:
+                stats.finish_reason = run.finish_reason
+                stats.rounds = run.rounds
+            stats.forward_passes = {k: v.forward_passes for k, v in sessions.items()}
+            stats.tokens_processed = {k: v.tokens_processed for k, v in sessions.items()}
+            stats.wall_time = time.perf_counter() - start
+            for session in sessions.values():
+                session.close()
+
+    def _count(self, segment: Segment) -> None:
+        tokens = self._pair.base.text.count(segment.text)
+        words = len(segment.text.split())
+        if segment.source == "base":
+            self.stats.base_tokens += tokens
+            self.stats.base_words += words
+        else:
+            self.stats.nudge_tokens += tokens
+            self.stats.nudge_words += words
+
+
+class NudgingPair:
+    """A base model and a nudging model, loaded, ready to answer."""
+
+    def __init__(
+        self,
+        base: LoadedModel,
+        nudging: LoadedModel,
+        base_format: BasePromptFormat | None = None,
+    ) -> None:
+        self.base = LocalModel(base)
+        self.nudging = LocalModel(nudging)
+        self.base_format = base_format or BasePromptFormat()
+
+    @classmethod
+    def load(
+        cls,
+        base: str | os.PathLike | LoadedModel = BUNDLED_BASE_ID,
+        nudging: str | os.PathLike | LoadedModel = BUNDLED_NUDGING_ID,
+        *,
+        base_format: BasePromptFormat | None = None,
+        **options: Any,
+    ) -> NudgingPair:
+        """Load (or reuse from the registry) both models; ``options`` go to ``load_model``."""
+        return cls(load_model(base, **options), load_model(nudging, **options), base_format)
+
+    def generate(
+        self,
+        messages: Sequence[ChatMessage],
+        config: NudgingConfig | None = None,
+        mode: Mode = "nudged",
+    ) -> Generation:
+        """Prepare an answer; nothing runs until the result is iterated.
+
+        ``mode`` is ``"nudged"``, or a baseline with the same prompts and stop rules:
+        ``"base"`` (the base model alone) or ``"nudging"`` (the nudging model alone).
+        Bad input (an empty conversation, a prompt beyond a context window) raises here.
+        """
+        return Generation(self, messages, config or NudgingConfig(), mode)
+
+    @property
+    def live_sessions(self) -> int:
+        return self.base.live_sessions + self.nudging.live_sessions

@@ -1,0 +1,257 @@
+"""The engine's worker on tiny models: concurrency, fairness, cancellation, failures, modes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import build_gemma, build_llama
+
+from langchain_nudging.config import NudgingConfig
+from langchain_nudging.engine import (
+    EngineBusyError,
+    EngineClosedError,
+    Failed,
+    Finished,
+    NudgingEngine,
+    SegmentEvent,
+)
+from langchain_nudging.generation import NudgingPair
+from langchain_nudging.prompts import ChatMessage
+
+QUESTIONS = ["What is the capital of France?", "Tell me a story.", "Why is the sky blue?"]
+SHORT = NudgingConfig(max_tokens=24)
+LONG = NudgingConfig(max_tokens=400, max_rounds=400, min_repeat_chars=1000)
+STORY = "Tell me a story."  # runs to max_tokens on the tiny pair
+
+
+def ask(question: str) -> list[ChatMessage]:
+    return [ChatMessage("user", question)]
+
+
+@pytest.fixture(scope="module")
+def pair(llama_a: Any, gemma_b: Any) -> NudgingPair:
+    return NudgingPair(llama_a, gemma_b)
+
+
+@pytest.fixture
+def engine(pair: NudgingPair) -> Iterator[NudgingEngine]:
+    engine = NudgingEngine(pair)
+    yield engine
+    engine.shutdown()
+    assert engine.live_requests == 0
+    assert engine.live_sessions == 0
+
+
+def alone(pair: NudgingPair, question: str, config: NudgingConfig = SHORT, mode: Any = "nudged"):
+    generation = pair.generate(ask(question), config, mode)
+    return "".join(s.text for s in generation)
+
+
+def wait_idle(engine: NudgingEngine, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while engine.live_requests and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.live_requests == 0
+
+
+def test_threads_get_the_text_they_would_get_alone(
+    engine: NudgingEngine, pair: NudgingPair
+) -> None:
+    expected = {q: alone(pair, q) for q in QUESTIONS}
+    results: dict[str, str] = {}
+
+    def worker(question: str) -> None:
+        results[question] = engine.submit(ask(question), SHORT).result().text
+
+    threads = [threading.Thread(target=worker, args=(q,)) for q in QUESTIONS * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == expected
+
+
+async def test_asyncio_consumers_get_the_text_they_would_get_alone(
+    engine: NudgingEngine, pair: NudgingPair
+) -> None:
+    expected = [alone(pair, q) for q in QUESTIONS]
+
+    async def consume(question: str) -> str:
+        pieces = []
+        async for event in engine.submit(ask(question), SHORT):
+            if isinstance(event, SegmentEvent):
+                pieces.append(event.segment.text)
+            else:
+                assert isinstance(event, Finished)
+                assert event.text == "".join(pieces)
+        return "".join(pieces)
+
+    assert await asyncio.gather(*(consume(q) for q in QUESTIONS)) == expected
+
+
+def test_forward_passes_run_on_the_worker_thread(engine: NudgingEngine, pair: NudgingPair) -> None:
+    threads: set[str] = set()
+    hooks = [
+        model.model.register_forward_pre_hook(
+            lambda *_: threads.add(threading.current_thread().name)
+        )
+        for model in (pair.base, pair.nudging)
+    ]
+    try:
+        engine.submit(ask(QUESTIONS[0]), SHORT).result()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert threads == {"nudging-engine"}
+
+
+def test_a_short_request_finishes_while_a_long_one_runs(engine: NudgingEngine) -> None:
+    long = engine.submit(ask(STORY), LONG)
+    events = iter(long)  # kept: dropping the iterator would cancel the request
+    assert isinstance(next(events), SegmentEvent)
+    short = engine.submit(ask(QUESTIONS[0]), NudgingConfig(max_tokens=6))
+    short.result()
+    assert not long.done, "the short request waited for the long one"
+    events.close()
+    assert long.cancelled
+    wait_idle(engine)
+
+
+def test_cancel_mid_answer_frees_everything(engine: NudgingEngine, pair: NudgingPair) -> None:
+    handle = engine.submit(ask(STORY), LONG)
+    events = iter(handle)
+    assert isinstance(next(events), SegmentEvent)
+    assert engine.live_sessions == 2
+    handle.cancel()
+    rest = list(events)
+    assert isinstance(rest[-1], Finished)
+    assert rest[-1].stats.finish_reason == "cancelled"
+    wait_idle(engine)
+    assert engine.live_sessions == 0
+    assert engine.submit(ask(QUESTIONS[1]), SHORT).result().text == alone(pair, QUESTIONS[1])
+
+
+def test_leaving_the_iteration_early_cancels(engine: NudgingEngine) -> None:
+    handle = engine.submit(ask(STORY), LONG)
+    for _event in handle:
+        break
+    assert handle.cancelled
+    wait_idle(engine)
+    assert engine.live_sessions == 0
+
+
+async def test_cancelling_an_asyncio_consumer_cancels_the_request(engine: NudgingEngine) -> None:
+    handle = engine.submit(ask(STORY), LONG)
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _event in handle:
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert handle.cancelled
+    await asyncio.to_thread(wait_idle, engine)
+    assert engine.live_sessions == 0
+
+
+def exploding(tokenizer: Any) -> Any:
+    """A tokenizer that fails on any text holding "BOOM" once an answer has started."""
+    cls = type(tokenizer)
+
+    def call(self: Any, text: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(text, str) and "BOOM" in text and not text.endswith("assistant\n"):
+            raise ValueError("tokenizer exploded")
+        return cls.__call__(self, text, *args, **kwargs)
+
+    tokenizer.__class__ = type("ExplodingTokenizer", (cls,), {"__call__": call})
+    return tokenizer
+
+
+def test_a_failing_request_leaves_the_others_correct(make_tokenizer: Any) -> None:
+    pair = NudgingPair(
+        build_llama(make_tokenizer("byte")), build_gemma(exploding(make_tokenizer("sp")))
+    )
+    engine = NudgingEngine(pair)
+    try:
+        expected = {q: alone(pair, q) for q in QUESTIONS}
+        handles = {q: engine.submit(ask(q), SHORT) for q in QUESTIONS}
+        bad = engine.submit(ask("BOOM: what now?"), SHORT)
+        events = list(bad)
+        assert isinstance(events[-1], Failed)
+        assert "tokenizer exploded" in str(events[-1].error)
+        with pytest.raises(ValueError, match="tokenizer exploded"):
+            engine.submit(ask("BOOM again"), SHORT).result()
+        assert {q: h.result().text for q, h in handles.items()} == expected
+        wait_idle(engine)
+        assert engine.live_sessions == 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("mode", "sources", "models"),
+    [
+        ("nudged", {"base", "nudge"}, {"base", "nudging"}),
+        ("base", {"base"}, {"base"}),
+        ("nudging", {"nudge"}, {"nudging"}),
+    ],
+)
+def test_modes(
+    engine: NudgingEngine, pair: NudgingPair, mode: Any, sources: set[str], models: set[str]
+) -> None:
+    handle = engine.submit(ask(QUESTIONS[2]), SHORT, mode=mode)
+    segments = list(handle.segments())
+    stats = handle.generation.stats
+    assert {s.source for s in segments} == sources
+    assert set(stats.forward_passes) == models
+    assert "".join(s.text for s in segments) == alone(pair, QUESTIONS[2], SHORT, mode)
+    assert stats.finish_reason in {"length", "stop", "repetition"}
+    assert stats.time_to_first_segment is not None
+    assert 0 < stats.time_to_first_segment <= stats.wall_time
+    tokens = stats.base_tokens + stats.nudge_tokens
+    assert 0 < tokens <= SHORT.max_tokens
+
+
+def test_bad_mode_and_bad_input_raise_at_submit(engine: NudgingEngine) -> None:
+    with pytest.raises(ValueError, match="mode"):
+        engine.submit(ask("hi"), SHORT, mode="solo")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="messages"):
+        engine.submit([], SHORT)
+    assert engine.live_requests == 0
+
+
+def test_a_full_queue_is_refused_clearly(pair: NudgingPair) -> None:
+    engine = NudgingEngine(pair, max_requests=2)
+    try:
+        handles = [engine.submit(ask(q), LONG) for q in QUESTIONS[:2]]
+        with pytest.raises(EngineBusyError, match="max_requests is 2"):
+            engine.submit(ask(QUESTIONS[2]), SHORT)
+        for handle in handles:
+            handle.cancel()
+        wait_idle(engine)
+        engine.submit(ask(QUESTIONS[2]), SHORT).result()
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_cancels_running_requests_and_ends_the_worker(pair: NudgingPair) -> None:
+    engine = NudgingEngine(pair)
+    handle = engine.submit(ask(STORY), LONG)
+    next(iter(handle))
+    thread = engine._thread
+    engine.shutdown()
+    assert thread is not None
+    assert not thread.is_alive()
+    assert handle.done
+    assert engine.live_sessions == 0
+    with pytest.raises(EngineClosedError):
+        engine.submit(ask("hi"), SHORT)
