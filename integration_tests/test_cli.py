@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
+from typing import Any
 
 import pytest
 
@@ -71,3 +76,82 @@ def test_not_a_gguf_file(tmp_path) -> None:
     done = nudging("chat", "--nudging", str(fake), "hello", timeout=120)
     assert done.returncode == 2
     assert "GGUF" in done.stderr
+
+
+def test_compare_shows_the_three_modes_side_by_side() -> None:
+    done = nudging("chat", "--compare", "--max-tokens", "12", "Name a primary colour.")
+    assert done.returncode == 0, done.stderr
+    for title in ("base model alone", "nudging model alone", "nudged"):
+        assert title in done.stdout
+    assert done.stdout.count("finish:") == 3
+
+
+def test_compare_json_has_one_answer_per_mode() -> None:
+    done = nudging("chat", "--compare", "--json", "--max-tokens", "12", "Name a primary colour.")
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(done.stdout.splitlines()[-1])
+    assert set(payload) == {"base", "nudging", "nudged"}
+    assert {s["source"] for s in payload["base"]["segments"]} == {"base"}
+    assert {s["source"] for s in payload["nudging"]["segments"]} == {"nudge"}
+    for answer in payload.values():
+        assert "".join(s["text"] for s in answer["segments"]) == answer["text"]
+
+
+class Terminal:
+    """The command with a terminal on stdin; its stdout and stderr collected as they come."""
+
+    def __init__(self, *args: str) -> None:
+        master, slave = os.openpty()
+        self.master = master
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "langchain_nudging", *args],
+            stdin=slave,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        os.close(slave)
+        self.out = bytearray()
+        self.err = bytearray()
+        for stream, buffer in ((self.process.stdout, self.out), (self.process.stderr, self.err)):
+            threading.Thread(target=self._collect, args=(stream, buffer), daemon=True).start()
+
+    @staticmethod
+    def _collect(stream: Any, buffer: bytearray) -> None:
+        while chunk := os.read(stream.fileno(), 4096):
+            buffer.extend(chunk)
+
+    def type(self, line: str) -> None:
+        os.write(self.master, line.encode() + b"\n")
+
+    def wait_for(self, buffer: bytearray, text: str, count: int = 1, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while buffer.decode(errors="replace").count(text) < count:
+            assert self.process.poll() is None, (self.out.decode(), self.err.decode())
+            assert time.monotonic() < deadline, f"no {text!r}: {buffer.decode()!r}"
+            time.sleep(0.05)
+
+
+def test_interactive_chat_keeps_the_conversation_and_ctrl_c_cancels_one_answer() -> None:
+    terminal = Terminal("chat", "--max-tokens", "24")
+    try:
+        terminal.wait_for(terminal.out, "you>")
+        terminal.type("Tell me a story about a dragon.")
+        terminal.wait_for(terminal.out, OPEN_MARK)  # the answer is streaming
+        terminal.process.send_signal(signal.SIGINT)
+        terminal.wait_for(terminal.err, "[answer cancelled]")
+        terminal.wait_for(terminal.out, "you>", count=2)
+        terminal.type("What is the capital of France?")
+        terminal.wait_for(terminal.err, "finish:")
+        terminal.wait_for(terminal.out, "you>", count=3)
+        terminal.type("/history")
+        terminal.wait_for(terminal.out, "assistant:")
+        os.write(terminal.master, b"\x04")  # Ctrl-D
+        assert terminal.process.wait(timeout=60) == 0
+    finally:
+        if terminal.process.poll() is None:
+            terminal.process.kill()
+        os.close(terminal.master)
+    out = terminal.out.decode()
+    history = out[out.rindex("you>", 0, out.index("assistant:")) :]
+    assert "user: What is the capital of France?" in history
+    assert "dragon" not in history  # the cancelled exchange was dropped

@@ -102,26 +102,27 @@ class AnswerWriter:
         return self._release(len(self.answer))
 
     def _apply_rules(self, text: str, start: int) -> tuple[int, FinishReason | None]:
+        """Where ``text`` must end and why; the earliest cut of all rules wins."""
         config = self._config
+        cuts: list[tuple[int, FinishReason]] = []
         # Held-back text is shorter than any stop string, so new matches start after this.
         hits = [text.find(s, max(0, start - len(s) + 1)) for s in config.stop]
         if any(index != -1 for index in hits):
-            return min(index for index in hits if index != -1), "stop"
-        end, reason = len(text), None
-        while (length := repeated_suffix_length(text[:end], config.min_repeat_chars)) and (
-            end - length >= start
-        ):
-            end, reason = end - length, "repetition"
+            cuts.append((min(index for index in hits if index != -1), "stop"))
         # A token holds at least one byte: shorter texts cannot reach the cap.
         if (
-            reason is None
-            and len(text.encode()) >= config.max_tokens
+            len(text.encode()) >= config.max_tokens
             and self._count_tokens(text) >= config.max_tokens
         ):
             cut = self._truncate_tokens(text, config.max_tokens)
-            end = len(cut) if cut.startswith(text[:start]) else start
-            reason = "length"
-        return end, reason
+            cuts.append((len(cut) if cut.startswith(text[:start]) else start, "length"))
+        end, minimum = len(text), config.min_repeat_chars
+        while end > start and (length := repeated_suffix_length(text[:end], minimum)):
+            end = max(end - length, start)  # streamed text is never taken back
+            cuts.append((end, "repetition"))
+        if not cuts:
+            return len(text), None
+        return min(cuts, key=lambda cut: cut[0])
 
     def _held_back(self) -> int:
         longest = 0
@@ -271,11 +272,11 @@ class NudgingRun:
                 taken.append(token)
             trace.base_tokens.extend(taken)
             text = "".join(t.text for t in taken)
-            ended = stopped is not None or not taken
+            ended = stopped is not None
             handover = None if stopped is None or stopped.is_eos else stopped.top1_prob
             if text and text in passage:
                 return None  # the authors' loop breaker: this chunk was already written
-            if len(text.split(" ")) > config.loop_passage_words and text in writer.answer:
+            if len(text.split()) > config.loop_passage_words and text in writer.answer:
                 return None  # the authors' loop breaker: a long passage already in the answer
             if text:
                 prob = min(t.top1_prob for t in taken)

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 from rich.text import Text
 
-from .algorithm import Segment
+from .algorithm import Mode, Segment
 from .config import NudgingConfig, SamplingConfig
-from .generation import Generation, NudgingPair
+from .engine import Failed, NudgingEngine, RequestHandle
+from .generation import GenerationStats, NudgingPair
 from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, ModelLoadError
 from .prompts import ChatMessage
 
@@ -29,7 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="answer one question with the nudged pair")
-    chat.add_argument("question", nargs="?", default=DEFAULT_QUESTION)
+    chat.add_argument(
+        "question",
+        nargs="?",
+        default=None,
+        help="the question; without one, an interactive chat on a terminal, else a default",
+    )
     models = chat.add_argument_group("models")
     models.add_argument("--base", default=BUNDLED_BASE_ID, help="base model: id, folder or .gguf")
     models.add_argument(
@@ -54,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     nudging.add_argument("--seed", type=int, default=None)
     output = chat.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    output.add_argument(
+        "--compare",
+        action="store_true",
+        help="run the base model alone, the nudging model alone and the nudged pair side by side",
+    )
     output.add_argument(
         "--marks",
         choices=["auto", "color", "brackets", "none"],
@@ -89,8 +103,7 @@ def load_pair(args: argparse.Namespace) -> NudgingPair:
     return NudgingPair.load(args.base, args.nudging, **options)
 
 
-def summary(generation: Generation) -> str:
-    stats = generation.stats
+def summary(stats: GenerationStats) -> str:
     total = stats.base_tokens + stats.nudge_tokens
     speed = total / stats.wall_time if stats.wall_time else 0.0
     return (
@@ -100,44 +113,172 @@ def summary(generation: Generation) -> str:
     )
 
 
-def show(segment: Segment, console: Console, marks: str) -> None:
+def styled(segment: Segment, marks: str) -> Text:
     if segment.source == "nudge" and marks == "color":
-        console.print(Text(segment.text, style=NUDGE_STYLE), end="")
-    elif segment.source == "nudge" and marks == "brackets":
-        console.print(Text(OPEN_MARK + segment.text + CLOSE_MARK), end="")
-    else:
-        console.print(Text(segment.text), end="")
+        return Text(segment.text, style=NUDGE_STYLE)
+    if segment.source == "nudge" and marks == "brackets":
+        return Text(OPEN_MARK + segment.text + CLOSE_MARK)
+    return Text(segment.text)
+
+
+def as_json(handle: RequestHandle) -> dict[str, object]:
+    generation = handle.generation
+    return {
+        "text": generation.text,
+        "segments": [
+            {"text": s.text, "source": s.source, "base_top1_prob": s.base_top1_prob}
+            for s in generation.segments
+        ],
+        "stats": generation.stats.as_dict(),
+    }
+
+
+def stream(handle: RequestHandle, console: Console, errors: Console, marks: str) -> bool:
+    """Print one answer as it is produced; Ctrl-C cancels it. Returns whether it finished."""
+    try:
+        for segment in handle.segments():
+            console.print(styled(segment, marks), end="")
+    except KeyboardInterrupt:
+        handle.cancel()
+        console.print()
+        errors.print(Text("[answer cancelled]", style="dim"))
+        return False
+    console.print()
+    errors.print(Text(summary(handle.generation.stats), style="dim"))
+    return True
+
+
+MODES: dict[Mode, str] = {
+    "base": "base model alone",
+    "nudging": "nudging model alone",
+    "nudged": "nudged",
+}
+
+
+def compare_table(handles: dict[Mode, RequestHandle], marks: str) -> Table:
+    table = Table(expand=True, show_lines=True)
+    for mode in handles:
+        table.add_column(MODES[mode], ratio=1)
+    texts = [Text() for _ in handles]
+    for text, handle in zip(texts, handles.values(), strict=True):
+        for segment in list(handle.generation.segments):
+            text.append_text(styled(segment, marks))
+    table.add_row(*texts)
+    table.add_row(
+        *(
+            Text(summary(h.generation.stats) if h.done else "...", style="dim")
+            for h in handles.values()
+        )
+    )
+    return table
+
+
+async def _drain(handle: RequestHandle) -> None:
+    async for event in handle:
+        if isinstance(event, Failed):
+            raise event.error
+
+
+def run_compare(
+    engine: NudgingEngine,
+    messages: list[ChatMessage],
+    config: NudgingConfig,
+    console: Console,
+    marks: str,
+) -> dict[Mode, RequestHandle]:
+    """The three modes at once on the engine's worker, shown side by side."""
+    handles = {mode: engine.submit(messages, config, mode) for mode in MODES}
+
+    async def run_all() -> None:
+        tasks = [asyncio.ensure_future(_drain(h)) for h in handles.values()]
+        if not console.is_terminal:
+            await asyncio.gather(*tasks)
+            return
+        with Live(compare_table(handles, marks), console=console, auto_refresh=False) as live:
+            while not all(t.done() for t in tasks):
+                await asyncio.wait(tasks, timeout=0.2)
+                live.update(compare_table(handles, marks), refresh=True)
+        await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(run_all())
+    finally:
+        for handle in handles.values():
+            handle.cancel()
+    if not console.is_terminal:
+        console.print(compare_table(handles, marks))
+    return handles
+
+
+def interactive(
+    engine: NudgingEngine,
+    system: str | None,
+    config: NudgingConfig,
+    console: Console,
+    errors: Console,
+    marks: str,
+) -> int:
+    """A multi-turn chat; Ctrl-C cancels the answer in progress, Ctrl-D or /exit leaves."""
+    errors.print(
+        Text("Multi-turn chat: /history shows it, /reset forgets it, Ctrl-D leaves.", "dim")
+    )
+    history: list[ChatMessage] = [ChatMessage("system", system)] if system else []
+    while True:
+        try:
+            line = console.input("[bold]you>[/bold] ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        question = line.strip()
+        if not question:
+            continue
+        if question in ("/exit", "/quit"):
+            return 0
+        if question == "/reset":
+            history = history[:1] if system else []
+            continue
+        if question == "/history":
+            for message in history:
+                console.print(Text(f"{message.role}: {message.content}"))
+            continue
+        messages = [*history, ChatMessage("user", question)]
+        handle = engine.submit(messages, config)
+        if stream(handle, console, errors, marks):
+            history = [*messages, ChatMessage("assistant", handle.generation.text)]
 
 
 def run_chat(args: argparse.Namespace, console: Console, errors: Console) -> int:
     config = config_from_args(args)
-    messages = [ChatMessage("user", args.question)]
-    if args.system is not None:
-        messages.insert(0, ChatMessage("system", args.system))
-    pair = load_pair(args)
-    generation = pair.generate(messages, config)
-    if args.json:
-        segments = list(generation)
-        payload = {
-            "text": generation.text,
-            "segments": [
-                {"text": s.text, "source": s.source, "base_top1_prob": s.base_top1_prob}
-                for s in segments
-            ],
-            "stats": generation.stats.as_dict(),
-            "models": {"base": pair.base.name, "nudging": pair.nudging.name},
-            "config": config.model_dump(mode="json"),
-        }
-        print(json.dumps(payload, ensure_ascii=False))
-        return 0
     marks = args.marks
     if marks == "auto":
         marks = "color" if console.is_terminal else "brackets"
-    for segment in generation:
-        show(segment, console, marks)
-    console.print()
-    errors.print(Text(summary(generation), style="dim"))
-    return 0
+    chatting = args.question is None and sys.stdin.isatty() and not args.json
+    messages = [ChatMessage("user", args.question or DEFAULT_QUESTION)]
+    if args.system is not None:
+        messages.insert(0, ChatMessage("system", args.system))
+    pair = load_pair(args)
+    engine = NudgingEngine(pair)
+    try:
+        if chatting:
+            return interactive(engine, args.system, config, console, errors, marks)
+        if args.compare:
+            handles = run_compare(engine, messages, config, console, marks)
+            if args.json:
+                print(json.dumps({m: as_json(h) for m, h in handles.items()}, ensure_ascii=False))
+            return 0
+        handle = engine.submit(messages, config)
+        if args.json:
+            handle.result()
+            payload = {
+                **as_json(handle),
+                "models": {"base": pair.base.name, "nudging": pair.nudging.name},
+                "config": config.model_dump(mode="json"),
+            }
+            print(json.dumps(payload, ensure_ascii=False))
+            return 0
+        return 0 if stream(handle, console, errors, marks) else 130
+    finally:
+        engine.shutdown()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -478,15 +478,6 @@ def test_base_rereads_the_answer_at_every_chunk_window() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "BUG: with chunk_tokens=1 the first window holds only the boundary token, so "
-        "_base_turn sees no tokens taken, treats that as the end of the turn and hands back "
-        "after one base token; DESIGN step 4 has the base continue until a token < gamma"
-    ),
-)
 def test_base_continues_in_windows_of_one_token() -> None:
     base = ScriptedBase(fallback=follows("A b c"))
     nudge = ScriptedNudge({"": "A z", "A b c": "<eos>"})
@@ -573,14 +564,6 @@ def test_short_base_passage_already_in_the_answer_is_kept() -> None:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "DESIGN step 5 and NudgingConfig.loop_passage_words say 'more than 5 words', but the "
-        "code counts text.split(' ') pieces (the authors' repetition_check): a base passage "
-        "starting with a space counts one extra, so exactly 5 words already end the turn"
-    ),
-)
 def test_five_word_base_passage_already_in_the_answer_is_kept() -> None:
     d = _passage_run([" two", " three", " four", " five", " six"])  # five words
     assert d.text == COUNT + " Again: one two three four five six"
@@ -734,15 +717,6 @@ def test_repeated_suffix_never_cuts_text_streamed_before_the_current_segment() -
     assert d.text.startswith(NUDGED)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG?: docs/algorithm.md says the repeated second copy is cut 'never further back than "
-        "the start of the segment being appended ... and the answer ends'; AnswerWriter only "
-        "acts when the whole second copy lies in the new segment, so here nothing is cut and "
-        "generation goes on (a periodic loop's longest repeat always reaches back this way)"
-    ),
-)
 def test_repeated_suffix_reaching_into_streamed_text_still_ends_the_answer() -> None:
     d = _spanning_repeat_run()
     assert d.pairs == [(NUDGED, "nudge")]
@@ -853,13 +827,6 @@ def test_writer_repeated_suffix_never_cuts_earlier_segments() -> None:
     assert w.answer.startswith("abcdefghijabcde")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG?: a repeated suffix whose second copy starts before the new segment is neither "
-        "cut (clamped at the segment start) nor ends the answer, unlike docs/algorithm.md"
-    ),
-)
 def test_writer_repeated_suffix_reaching_into_earlier_text_ends_the_answer() -> None:
     w = writer(min_repeat_chars=10)
     w.append(Segment("abcdefghijabcde", "nudge"))
@@ -874,27 +841,12 @@ def test_writer_holds_back_the_longest_possible_stop_string_start() -> None:
     assert (w.answer, w.finish_reason) == ("z", "stop")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: AnswerWriter._apply_rules returns on a stop-string hit before the max_tokens "
-        "check, so a segment that crosses max_tokens and holds a stop string beyond the cap "
-        "leaves the answer longer than max_tokens (DESIGN step 5: cut exactly)"
-    ),
-)
 def test_writer_max_tokens_applies_when_a_later_stop_string_also_matches() -> None:
     w = writer(max_tokens=3, stop=["STOP"])
     w.append(Segment("a b c d e STOP", "nudge"))
     assert (w.answer, w.finish_reason) == ("a b c", "length")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: AnswerWriter._apply_rules skips the max_tokens check once a repeated suffix "
-        "was cut, so the answer can stay longer than max_tokens (DESIGN step 5: cut exactly)"
-    ),
-)
 def test_writer_max_tokens_applies_when_a_repeated_suffix_is_also_cut() -> None:
     w = writer(max_tokens=3, min_repeat_chars=10)
     w.append(Segment("w1 w2 w3 w4 w5 abcdefghij abcdefghij", "nudge"))
