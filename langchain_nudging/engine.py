@@ -22,7 +22,8 @@ from itertools import count
 from .algorithm import Mode, Segment
 from .config import NudgingConfig
 from .generation import Generation, GenerationStats, NudgingPair
-from .prompts import ChatMessage
+from .models import LoadedModel
+from .prompts import BasePromptFormat, ChatMessage
 
 DEFAULT_MAX_REQUESTS = 64
 
@@ -203,9 +204,10 @@ class NudgingEngine:
         messages: Sequence[ChatMessage],
         config: NudgingConfig | None = None,
         mode: Mode = "nudged",
+        base_format: BasePromptFormat | None = None,
     ) -> RequestHandle:
         """Queue a request. Bad input and a full queue raise here, before anything runs."""
-        generation = self.pair.generate(messages, config, mode)
+        generation = self.pair.generate(messages, config, mode, base_format)
         with self._wakeup:
             if self._closed:
                 raise EngineClosedError("the engine was shut down")
@@ -219,6 +221,10 @@ class NudgingEngine:
             self._ensure_worker()
             self._wakeup.notify()
         return handle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def live_requests(self) -> int:
@@ -266,6 +272,32 @@ class NudgingEngine:
 
 
 _ENGINES: weakref.WeakSet[NudgingEngine] = weakref.WeakSet()
+_SHARED: dict[tuple[int, int], NudgingEngine] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_engine(base: LoadedModel, nudging: LoadedModel) -> NudgingEngine:
+    """The process-wide engine of a loaded pair: every caller of one pair shares one worker.
+
+    ``LoadedModel`` objects come from the model registry, so callers asking for the same models
+    with the same settings get the same engine. The engine keeps its models alive until
+    :func:`close_shared_engines`.
+    """
+    key = (id(base), id(nudging))
+    with _SHARED_LOCK:
+        engine = _SHARED.get(key)
+        if engine is None or engine.closed:
+            engine = _SHARED[key] = NudgingEngine(NudgingPair(base, nudging))
+        return engine
+
+
+def close_shared_engines() -> None:
+    """Shut every shared engine down (their models can then be unloaded)."""
+    with _SHARED_LOCK:
+        engines = list(_SHARED.values())
+        _SHARED.clear()
+    for engine in engines:
+        engine.shutdown()
 
 
 @atexit.register

@@ -52,11 +52,14 @@ class Generation:
         messages: Sequence[ChatMessage],
         config: NudgingConfig,
         mode: Mode = "nudged",
+        base_format: BasePromptFormat | None = None,
     ) -> None:
         if mode not in ("nudged", "base", "nudging"):
             raise ValueError(f"mode: {mode!r} is not one of 'nudged', 'base', 'nudging'")
         self.mode = mode
-        prompts = render_prompts(messages, pair.nudging.text.tokenizer, pair.base_format)
+        prompts = render_prompts(
+            messages, pair.nudging.text.tokenizer, base_format or pair.base_format
+        )
         self.config = config.model_copy(update={"stop": (*config.stop, *prompts.stop)})
         self.prompts = prompts
         self._pair = pair
@@ -149,14 +152,16 @@ class NudgingPair:
         messages: Sequence[ChatMessage],
         config: NudgingConfig | None = None,
         mode: Mode = "nudged",
+        base_format: BasePromptFormat | None = None,
     ) -> Generation:
         """Prepare an answer; nothing runs until the result is iterated.
 
         ``mode`` is ``"nudged"``, or a baseline with the same prompts and stop rules:
         ``"base"`` (the base model alone) or ``"nudging"`` (the nudging model alone).
+        ``base_format`` overrides the pair's base transcript format for this request.
         Bad input (an empty conversation, a prompt beyond a context window) raises here.
         """
-        return Generation(self, messages, config or NudgingConfig(), mode)
+        return Generation(self, messages, config or NudgingConfig(), mode, base_format)
 
     @property
     def live_sessions(self) -> int:
