@@ -18,11 +18,12 @@ from langchain_nudging.algorithm import (
     AnswerWriter,
     NudgingRun,
     Segment,
+    SoloRun,
     agrees,
     repeated_suffix_length,
     split_draft,
 )
-from langchain_nudging.backends.base import Token
+from langchain_nudging.backends.base import ContextWindowError, Token
 from langchain_nudging.config import NudgingConfig
 
 SURE = 0.9
@@ -851,3 +852,68 @@ def test_writer_max_tokens_applies_when_a_repeated_suffix_is_also_cut() -> None:
     w = writer(max_tokens=3, min_repeat_chars=10)
     w.append(Segment("w1 w2 w3 w4 w5 abcdefghij abcdefghij", "nudge"))
     assert (w.answer, w.finish_reason) == ("w1 w2 w3", "length")
+
+
+# -- one model alone (the baselines) and a full context window --------------------------------
+
+
+def test_solo_run_writes_windows_until_eos_with_the_same_stop_rules() -> None:
+    base = ScriptedBase(fallback=follows("One two three four five six seven.", end=eos()))
+    run = SoloRun(base, NudgingConfig(chunk_tokens=3), "base", count_pieces, truncate_pieces)
+    segments = list(run)
+    assert run.text == "One two three four five six seven."
+    assert "".join(s.text for s in segments) == run.text
+    assert [s.text for s in segments] == ["One two three", " four five six", " seven."]
+    assert {s.source for s in segments} == {"base"}
+    assert run.finish_reason == "stop"
+    assert run.rounds == 3
+    # Each window re-reads the answer written so far.
+    assert [c[1] for c in base.calls] == ["", "One two three", "One two three four five six"]
+
+
+def test_solo_run_obeys_max_tokens_and_stop_strings() -> None:
+    target = "One two three four five six seven."
+    config = NudgingConfig(chunk_tokens=4, max_tokens=5)
+    run = SoloRun(
+        ScriptedBase(fallback=follows(target)), config, "nudge", count_pieces, truncate_pieces
+    )
+    segments = list(run)
+    assert run.text == "One two three four five"
+    assert run.finish_reason == "length"
+    assert all(s.source == "nudge" and s.base_top1_prob is None for s in segments)
+    config = NudgingConfig(chunk_tokens=4, stop=(" four",))
+    run = SoloRun(
+        ScriptedBase(fallback=follows(target)), config, "base", count_pieces, truncate_pieces
+    )
+    assert "".join(s.text for s in run) == "One two three"
+    assert run.finish_reason == "stop"
+
+
+class FullContext(ScriptedBase):
+    """A base whose context window is full once the answer reaches ``limit`` characters."""
+
+    def __init__(self, limit: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.limit = limit
+
+    def generate(self, answer: str, max_new_tokens: int, **kwargs: Any) -> list[Token]:
+        if len(answer) >= self.limit:
+            raise ContextWindowError("prompt + answer would exceed the context window")
+        return super().generate(answer, max_new_tokens, **kwargs)
+
+
+def test_a_full_context_window_ends_the_answer_with_length() -> None:
+    target = "One two three four five six seven eight nine ten."
+    base = FullContext(12, fallback=follows(target))
+    run = SoloRun(base, NudgingConfig(chunk_tokens=2), "base", count_pieces, truncate_pieces)
+    segments = list(run)
+    assert run.finish_reason == "length"
+    assert "".join(s.text for s in segments) == run.text == "One two three four"
+    nudged = NudgingRun(
+        ScriptedBase(fallback=follows(target)),
+        FullContext(12, fallback=follows(target)),
+        NudgingConfig(draft_tokens=2),
+    )
+    assert "".join(s.text for s in nudged) == nudged.text
+    assert nudged.finish_reason == "length"
+    assert len(nudged.text) >= 12
