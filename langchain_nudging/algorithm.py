@@ -172,7 +172,22 @@ class RoundTrace:
     base_tokens: list[Token] = field(default_factory=list)
 
 
-class NudgingRun:
+class _Run:
+    """An answer being written: the text so far and why it ended."""
+
+    writer: AnswerWriter
+    rounds: int
+
+    @property
+    def text(self) -> str:
+        return self.writer.answer
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return self.writer.finish_reason
+
+
+class NudgingRun(_Run):
     """One nudged answer. Iterate to receive segments; read the outcome afterwards.
 
     The sessions must already hold the request's prompts; this class only reads and writes
@@ -186,14 +201,6 @@ class NudgingRun:
         self.writer = AnswerWriter(config, base.count_tokens, base.truncate_tokens)
         self.rounds = 0
         self.trace: list[RoundTrace] = []
-
-    @property
-    def text(self) -> str:
-        return self.writer.answer
-
-    @property
-    def finish_reason(self) -> FinishReason | None:
-        return self.writer.finish_reason
 
     def __iter__(self) -> Iterator[Segment]:
         try:
@@ -288,7 +295,7 @@ class NudgingRun:
         return None
 
 
-class SoloRun:
+class SoloRun(_Run):
     """One model alone, for baselines: the same prompt, windows and stop rules, no nudging.
 
     The model writes ``chunk_tokens`` tokens at a time, re-reading the answer as text at each
@@ -308,14 +315,6 @@ class SoloRun:
         self.source: Source = source
         self.writer = AnswerWriter(config, count_tokens, truncate_tokens)
         self.rounds = 0
-
-    @property
-    def text(self) -> str:
-        return self.writer.answer
-
-    @property
-    def finish_reason(self) -> FinishReason | None:
-        return self.writer.finish_reason
 
     def __iter__(self) -> Iterator[Segment]:
         writer = self.writer
