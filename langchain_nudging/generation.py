@@ -20,7 +20,11 @@ from .prompts import BasePromptFormat, ChatMessage, render_prompts
 
 @dataclass
 class GenerationStats:
-    """What one answer cost and who wrote it. Tokens are counted with the base tokenizer."""
+    """What one answer cost and who wrote it.
+
+    Tokens are counted with the base model's tokenizer; ``base_tokens + nudge_tokens`` is the
+    answer's token count, each segment being charged what it adds to the answer.
+    """
 
     finish_reason: str | None = None
     base_tokens: int = 0
@@ -65,6 +69,7 @@ class Generation:
         self._pair = pair
         self.segments: list[Segment] = []
         self._started = False
+        self._answer_tokens = 0
         # Both prompts must fit their context windows: raise before anything runs.
         prompt_tokens = len(pair.base.text.encode(prompts.base))
         pair.nudging.text.encode(prompts.nudging)
@@ -112,7 +117,11 @@ class Generation:
                 session.close()
 
     def _count(self, segment: Segment) -> None:
-        tokens = self._pair.base.text.count(segment.text)
+        # Each segment is charged the tokens it adds to the whole answer, so the two counts add
+        # up to the answer's own token count (a segment alone may tokenize differently).
+        before = self._answer_tokens
+        self._answer_tokens = self._pair.base.text.count(self.text)
+        tokens = self._answer_tokens - before
         words = len(segment.text.split())
         if segment.source == "base":
             self.stats.base_tokens += tokens

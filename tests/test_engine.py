@@ -219,6 +219,7 @@ def test_modes(
     assert 0 < stats.time_to_first_segment <= stats.wall_time
     tokens = stats.base_tokens + stats.nudge_tokens
     assert 0 < tokens <= SHORT.max_tokens
+    assert tokens == pair.base.text.count("".join(s.text for s in segments))
 
 
 def test_bad_mode_and_bad_input_raise_at_submit(engine: NudgingEngine) -> None:

