@@ -2,6 +2,7 @@
 
 from ._version import __version__
 from .algorithm import NudgingRun, Segment
+from .chat_model import NudgedChatModel
 from .config import NudgingConfig, SamplingConfig
 from .generation import Generation, GenerationStats, NudgingPair
 from .models import (
@@ -23,6 +24,7 @@ __all__ = [
     "GenerationStats",
     "LoadedModel",
     "ModelLoadError",
+    "NudgedChatModel",
     "NudgingConfig",
     "NudgingPair",
     "NudgingRun",

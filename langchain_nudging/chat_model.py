@@ -43,7 +43,7 @@ from pydantic import (
 from typing_extensions import Self
 
 from .config import NudgingConfig, SamplingConfig
-from .engine import Failed, Finished, RequestHandle, SegmentEvent, shared_engine
+from .engine import Failed, Finished, NudgingEngine, RequestHandle, SegmentEvent, shared_engine
 from .models import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,
@@ -63,6 +63,7 @@ TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Annotated[int, Field(ge=0)]
 Seed = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(gt=0.0)]
+NonEmpty = Annotated[str, Field(min_length=1)]
 Mode = Literal["nudged", "base", "nudging"]
 
 #: The engine's finish reasons -> LangChain's usual ``finish_reason`` values.
@@ -220,9 +221,10 @@ class _Request:
 class _Answer:
     """Maps one request's engine events to chunks."""
 
-    def __init__(self, request: _Request, nudging_name: str) -> None:
+    def __init__(self, request: _Request, engine: NudgingEngine) -> None:
         self.request = request
-        self.nudging_name = nudging_name
+        self.nudging_name = engine.pair.nudging.name
+        self.count_tokens = engine.pair.base.text.count  # what max_tokens counts
         self.timed_out = False
 
     def chunk(self, event: SegmentEvent | Finished | Failed) -> ChatGenerationChunk | None:
@@ -252,7 +254,7 @@ class _Answer:
                     "was cancelled in the engine"
                 )
             raise RuntimeError("the request was cancelled in the engine (was it shut down?)")
-        output = stats.base_tokens + stats.nudge_tokens
+        output = self.count_tokens(finished.text)
         usage = UsageMetadata(
             input_tokens=stats.prompt_tokens,
             output_tokens=output,
@@ -307,7 +309,10 @@ class NudgedChatModel(BaseChatModel):
     """
 
     model_config = ConfigDict(
-        validate_by_name=True, validate_by_alias=True, use_attribute_docstrings=True
+        extra="forbid",
+        validate_by_name=True,
+        validate_by_alias=True,
+        use_attribute_docstrings=True,
     )
 
     # -- the pair --------------------------------------------------------------------------
@@ -354,12 +359,12 @@ class NudgedChatModel(BaseChatModel):
     # -- prompts ---------------------------------------------------------------------------
     base_system_prompt: str = DEFAULT_SYSTEM
     """The system line when the conversation has no system message (both models read it)."""
-    base_user_prefix: str = "Question: "
+    base_user_prefix: NonEmpty = "Question: "
     """Label of a user turn in the base model's transcript (the authors' open-task format uses
     ``"Instruction: "``)."""
-    base_assistant_prefix: str = "Answer: "
+    base_assistant_prefix: NonEmpty = "Answer: "
     """Label of an assistant turn in the base model's transcript."""
-    base_separator: str = "\n"
+    base_separator: NonEmpty = "\n"
     """Between the transcript's lines; separator + a label is also a stop string."""
 
     # -- LangChain -------------------------------------------------------------------------
@@ -424,7 +429,9 @@ class NudgedChatModel(BaseChatModel):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str | None) -> str | None:
-        return value if value is None else (resolve_device(value) and value)
+        if value is not None:
+            resolve_device(value)  # raises on a malformed device or CUDA without CUDA
+        return value
 
     @field_validator("cache_dir", mode="before")
     @classmethod
@@ -487,7 +494,7 @@ class NudgedChatModel(BaseChatModel):
         self._models(self.base_model)
         return self
 
-    def get_engine(self, model: Any = None) -> Any:
+    def get_engine(self, model: Any = None) -> NudgingEngine:
         """The shared engine serving this model's pair (``model`` overrides the base model);
         loads the models if needed. Its ``live_requests``/``live_sessions`` show work in flight."""
         return shared_engine(*self._models(model if model is not None else self.base_model))
@@ -585,10 +592,12 @@ class NudgedChatModel(BaseChatModel):
         except ValidationError as error:
             raise ValueError(f"invalid option(s): {_short_errors(error)}") from None
 
-    def _submit(self, request: _Request, pair: tuple[LoadedModel, LoadedModel]) -> RequestHandle:
-        return shared_engine(*pair).submit(
-            request.messages, request.config, request.mode, request.base_format
-        )
+    def _submit(
+        self, request: _Request, pair: tuple[LoadedModel, LoadedModel]
+    ) -> tuple[_Answer, RequestHandle]:
+        engine = shared_engine(*pair)
+        handle = engine.submit(request.messages, request.config, request.mode, request.base_format)
+        return _Answer(request, engine), handle
 
     # -- streaming -------------------------------------------------------------------------
     def _stream(
@@ -601,9 +610,7 @@ class NudgedChatModel(BaseChatModel):
         # on_llm_new_token is fired by BaseChatModel.stream/_generate_with_cache for each
         # chunk this yields; _generate fires it when LangChain calls that instead.
         request = self._request(messages, stop, kwargs)
-        pair = self._models(request.base)
-        answer = _Answer(request, pair[1].name)
-        handle = self._submit(request, pair)
+        answer, handle = self._submit(request, self._models(request.base))
         timer = None
         if request.timeout is not None:
             timer = threading.Timer(request.timeout, _expire, (answer, handle))
@@ -630,9 +637,7 @@ class NudgedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
-        pair = await self._amodels(request.base)
-        answer = _Answer(request, pair[1].name)
-        handle = self._submit(request, pair)
+        answer, handle = self._submit(request, await self._amodels(request.base))
         timer = None
         if request.timeout is not None:
             loop = asyncio.get_running_loop()
