@@ -59,7 +59,13 @@ class LocalModel:
 
 
 class LocalSession:
-    """One request's prompt, ids and KV cache for one model."""
+    """One request's prompt, ids and KV cache for one model.
+
+    The session also remembers the token it chose after every prefix of its current ids, so a
+    question about text it has already read and continued (a draft whose first words were
+    accepted, a peek followed by a window) reuses those choices instead of running the model:
+    greedy choices depend only on the ids before them.
+    """
 
     def __init__(self, owner: LocalModel, prompt: str, sampling: SamplingConfig) -> None:
         self._owner = owner
@@ -73,22 +79,20 @@ class LocalSession:
         self._cache: DynamicCache | None = DynamicCache()
         self._ids: list[int] = []  # ids whose keys and values are in the cache
         self._logits: torch.Tensor | None = None  # next-token logits after self._ids
-        self._peeked: tuple[str, int, Token] | None = None
+        self._path: list[int] = []  # self._ids and the ids chosen after them, not yet read
+        self._choices: dict[int, tuple[int, float, float]] = {}  # after _path[:n]: the choice
+        self._peeked: str | None = None  # the answer of the last peek
         self.forward_passes = 0
         self.tokens_processed = 0
         owner.live_sessions += 1
 
     # -- text-level questions -------------------------------------------------------------
     def peek(self, answer: str) -> Token:
-        if self._peeked is not None and self._peeked[0] == answer:
-            return self._peeked[2]
         ids = self._text.encode(self._prompt + answer)
-        logits = self._sync(ids)
-        token_id, top1, top2 = self._chooser.choose(logits)
+        token_id, top1, top2 = self._choose_after(ids)
         text = self._text.texts(ids, [token_id])[0]
-        token = Token(text, top1, top2, token_id in self._text.stop_ids)
-        self._peeked = (answer, token_id, token)
-        return token
+        self._peeked = answer
+        return Token(text, top1, top2, token_id in self._text.stop_ids)
 
     def generate(
         self,
@@ -98,25 +102,22 @@ class LocalSession:
         min_prob: float | None = None,
         first: Token | None = None,
     ) -> list[Token]:
-        if first is not None and (self._peeked is None or self._peeked[0] != answer):
+        if first is not None and self._peeked != answer:
             raise ValueError("generate(first=...) must follow peek() of the same answer")
         ids = self._text.encode(self._prompt + answer)
-        logits = self._sync(ids)
+        path = list(ids)
         new: list[int] = []
         out: list[Token] = []
         for k in range(max_new_tokens):
-            if k == 0 and first is not None and self._peeked is not None:
-                token_id, top1, top2 = self._peeked[1], first.top1_prob, first.top2_prob
-            else:
-                token_id, top1, top2 = self._chooser.choose(logits)
+            token_id, top1, top2 = self._choose_after(path)  # a peek's choice is remembered
             new.append(token_id)
             text = self._text.texts(ids, new)[-1]
             token = Token(text, top1, top2, token_id in self._text.stop_ids)
             out.append(token)
             low = min_prob is not None and top1 < min_prob and not (k == 0 and first)
-            if token.is_eos or low or k == max_new_tokens - 1:
+            if token.is_eos or low:
                 break
-            logits = self._forward([token_id])
+            path.append(token_id)
         return out
 
     def count_tokens(self, text: str) -> int:
@@ -127,27 +128,42 @@ class LocalSession:
 
     def close(self) -> None:
         self._peeked = None
+        self._choices = {}
         if self._cache is not None:
             self._cache = None
             self._logits = None
             self._ids = []
+            self._path = []
             self._owner.live_sessions -= 1
 
     # -- the cache ----------------------------------------------------------------------------
-    def _sync(self, ids: list[int]) -> torch.Tensor:
-        """Logits after ``ids``, reusing the longest cached prefix."""
+    def _choose_after(self, ids: list[int]) -> tuple[int, float, float]:
+        """The token chosen after ``ids``: remembered, or from logits reusing the cache."""
         if self._cache is None:
             raise RuntimeError("session is closed")
-        if ids == self._ids and self._logits is not None:
-            return self._logits
-        keep = common_prefix_length(self._ids, ids)
-        if keep == len(ids):
-            keep -= 1  # the last position's logits are needed again
+        keep = common_prefix_length(self._path, ids)
+        if keep < len(self._path):
+            self._choices = {n: c for n, c in self._choices.items() if n <= keep}
         if keep < len(self._ids):
             self._cache.crop(keep - len(self._ids))
             self._ids = self._ids[:keep]
             self._logits = None
-        return self._forward(ids[keep:])
+        self._path = list(ids)
+        choice = self._choices.get(len(ids))
+        if choice is None:
+            choice = self._choices[len(ids)] = self._chooser.choose(self._logits_after_path())
+        return choice
+
+    def _logits_after_path(self) -> torch.Tensor:
+        unread = self._path[len(self._ids) :]
+        if unread:
+            return self._forward(unread)
+        if self._logits is None:  # read, but its logits are gone: read the last id again
+            assert self._cache is not None
+            self._cache.crop(-1)
+            last = self._ids.pop()
+            return self._forward([last])
+        return self._logits
 
     @torch.inference_mode()
     def _forward(self, new_ids: list[int]) -> torch.Tensor:
