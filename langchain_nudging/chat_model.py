@@ -224,7 +224,6 @@ class _Answer:
     def __init__(self, request: _Request, engine: NudgingEngine) -> None:
         self.request = request
         self.nudging_name = engine.pair.nudging.name
-        self.count_tokens = engine.pair.base.text.count  # what max_tokens counts
         self.timed_out = False
 
     def chunk(self, event: SegmentEvent | Finished | Failed) -> ChatGenerationChunk | None:
@@ -254,7 +253,7 @@ class _Answer:
                     "was cancelled in the engine"
                 )
             raise RuntimeError("the request was cancelled in the engine (was it shut down?)")
-        output = self.count_tokens(finished.text)
+        output = stats.base_tokens + stats.nudge_tokens  # the answer's base-tokenizer count
         usage = UsageMetadata(
             input_tokens=stats.prompt_tokens,
             output_tokens=output,
@@ -448,6 +447,11 @@ class NudgedChatModel(BaseChatModel):
         )
         return self
 
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        for name, value in super().__repr_args__():  # a loaded model by its name, not its layers
+            is_model = isinstance(value, LoadedModel | tuple)
+            yield name, (f"<{_model_label(value)}>" if is_model else value)
+
     # -- LangChain metadata ------------------------------------------------------------------
     @property
     def _llm_type(self) -> str:
@@ -468,7 +472,9 @@ class NudgedChatModel(BaseChatModel):
             "top_p": self.top_p,
             "top_k": self.top_k,
             "seed": self.seed,
-            "nudging_sampling": self.nudging_sampling.model_dump() if self.nudging_sampling else None,
+            "nudging_sampling": (
+                self.nudging_sampling.model_dump() if self.nudging_sampling else None
+            ),
             "stop": self.stop,
             "base_prompt_format": self._base_format.model_dump(),
             "dtype": str(self.dtype),

@@ -95,7 +95,10 @@ class TokenizerText:
 
     def truncate(self, text: str, max_tokens: int) -> str:
         ids = self.encode_plain(text)
-        return text if len(ids) <= max_tokens else self.decode(ids[:max_tokens])
+        if len(ids) <= max_tokens:
+            return text
+        # A cut inside a UTF-8 character keeps the character's first bytes out.
+        return self.decode(ids[:max_tokens]).rstrip(_INCOMPLETE)
 
 
 class TokenChooser:

@@ -1,0 +1,38 @@
+"""langchain-tests' integration suite for NudgedChatModel, on the bundled pair.
+
+Tool calling and structured output are off (``bind_tools`` and ``with_structured_output`` are
+not implemented yet), so the suite skips the tests that need them, and the ones for image, audio
+and PDF input (text only) and the VCR timing test (no HTTP here).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from langchain_tests.integration_tests import ChatModelIntegrationTests
+
+from langchain_nudging import BUNDLED_NUDGING_ID, NudgedChatModel, NudgingPair
+
+
+@pytest.fixture(autouse=True)
+def _bundled_pair(pair: NudgingPair) -> NudgingPair:
+    """The session's bundled pair: loaded once (the chat models share it through the registry),
+    with torch on 2 threads."""
+    return pair
+
+
+class TestNudgedChatModelIntegration(ChatModelIntegrationTests):
+    @property
+    def chat_model_class(self) -> type[NudgedChatModel]:
+        return NudgedChatModel
+
+    @property
+    def chat_model_params(self) -> dict[str, Any]:
+        # The same dtype and device as the session's pair: the registry hands out those models.
+        return {"max_tokens": 32, "dtype": "float32", "device": "cpu"}
+
+    @property
+    def model_override_value(self) -> str:
+        # A per-call `model` replaces the base model: SmolLM2 (already loaded) nudged by itself.
+        return BUNDLED_NUDGING_ID
