@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
@@ -42,6 +42,7 @@ from pydantic import (
 )
 from typing_extensions import Self
 
+from .algorithm import Mode
 from .config import NudgingConfig, SamplingConfig
 from .engine import Failed, Finished, NudgingEngine, RequestHandle, SegmentEvent, shared_engine
 from .models import (
@@ -64,7 +65,6 @@ TopK = Annotated[int, Field(ge=0)]
 Seed = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(gt=0.0)]
 NonEmpty = Annotated[str, Field(min_length=1)]
-Mode = Literal["nudged", "base", "nudging"]
 
 #: The engine's finish reasons -> LangChain's usual ``finish_reason`` values.
 FINISH_REASONS: dict[str, str] = {
