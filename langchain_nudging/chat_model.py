@@ -178,6 +178,9 @@ class _CallOptions(BaseModel):
     draft_tokens: Window | None = None
     chunk_tokens: Window | None = None
     max_rounds: PositiveInt | None = None
+    max_same_nudges: PositiveInt | None = None
+    loop_passage_words: PositiveInt | None = None
+    min_repeat_chars: PositiveInt | None = None
     max_tokens: PositiveInt | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
@@ -336,6 +339,13 @@ class NudgedChatModel(BaseChatModel):
     """Base tokens asked for at once before the base model re-reads the answer; in [1, 4096]."""
     max_rounds: PositiveInt = 150
     """Round cap (draft + base turn); the answer ends with ``finish_reason="length"``."""
+    max_same_nudges: PositiveInt = 3
+    """Stop before the same accepted nudging words would be appended this many times more in a
+    row (the authors' 3: stop before the fourth); ``finish_reason="stop"``."""
+    loop_passage_words: PositiveInt = 5
+    """A base passage of more than this many words already in the answer ends the base turn."""
+    min_repeat_chars: PositiveInt = 30
+    """An immediately repeated answer suffix this long stops the answer (the copy is cut)."""
     max_tokens: PositiveInt = 512
     """Answer length cap in base-tokenizer tokens, cut exactly; >= 1."""
     stop: list[str] | None = None
@@ -467,6 +477,9 @@ class NudgedChatModel(BaseChatModel):
             "draft_tokens": self.draft_tokens,
             "chunk_tokens": self.chunk_tokens,
             "max_rounds": self.max_rounds,
+            "max_same_nudges": self.max_same_nudges,
+            "loop_passage_words": self.loop_passage_words,
+            "min_repeat_chars": self.min_repeat_chars,
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
@@ -590,6 +603,9 @@ class NudgedChatModel(BaseChatModel):
                 draft_tokens=value["draft_tokens"],
                 chunk_tokens=value["chunk_tokens"],
                 max_rounds=value["max_rounds"],
+                max_same_nudges=value["max_same_nudges"],
+                loop_passage_words=value["loop_passage_words"],
+                min_repeat_chars=value["min_repeat_chars"],
                 max_tokens=value["max_tokens"],
                 stop=tuple(self._stops(stop)),
                 base_sampling=sampling,
@@ -695,6 +711,9 @@ _CONFIG_FIELDS = (
     "draft_tokens",
     "chunk_tokens",
     "max_rounds",
+    "max_same_nudges",
+    "loop_passage_words",
+    "min_repeat_chars",
     "max_tokens",
     "temperature",
     "top_p",

@@ -195,6 +195,13 @@ def test_config_building() -> None:
     assert config.chunk_tokens == 16
     assert config.max_tokens == 7
     assert config.max_rounds == 150
+    assert (config.max_same_nudges, config.loop_passage_words, config.min_repeat_chars) == (
+        3,
+        5,
+        30,
+    )
+    tuned = model.nudging_config(max_same_nudges=2, loop_passage_words=8, min_repeat_chars=50)
+    assert (tuned.max_same_nudges, tuned.loop_passage_words, tuned.min_repeat_chars) == (2, 8, 50)
     assert config.stop == ("END", "STOP")  # construction stops, then the call's, once each
     assert config.base_sampling == SamplingConfig(temperature=0.7, top_p=0.9, seed=5)
     assert config.nudging_sampling == config.base_sampling
@@ -626,3 +633,12 @@ async def test_astream_events_carry_provenance(chat: NudgedChatModel) -> None:
     assert streamed[-1].chunk_position == "last"
     assert output.usage_metadata["output_tokens"] == 48
     assert "".join(s["text"] for s in segments_of(output)) == output.content
+
+
+def test_loop_rules_are_per_call_options_validated_like_fields() -> None:
+    model = NudgedChatModel(min_repeat_chars=40)
+    assert model.nudging_config().min_repeat_chars == 40
+    with pytest.raises(ValueError, match="min_repeat_chars"):
+        NudgedChatModel(min_repeat_chars=0)
+    with pytest.raises(ValueError, match="max_same_nudges"):
+        model.invoke("hi", max_same_nudges=0)
