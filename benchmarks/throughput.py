@@ -35,6 +35,23 @@ from langchain_nudging.reference import ReferenceModel, reference_nudge
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WARM_UP = [ChatMessage("user", "Hi")]
 Row = dict[str, Any]
+HEADERS = {  # summary key -> short table header (docs/benchmarks.md explains each)
+    "prompt": "#",
+    "tokens_base": "tok base",
+    "tokens_engine": "tok eng",
+    "tokens_oracle": "tok orc",
+    "ms_per_token_base": "ms/tok base",
+    "ms_per_token_engine": "ms/tok eng",
+    "ms_per_token_oracle": "ms/tok orc",
+    "engine_over_base": "eng/base",
+    "oracle_over_engine": "orc/eng",
+    "nudged_share": "nudged",
+    "passes_engine_base": "fwd eng B",
+    "passes_engine_nudging": "fwd eng N",
+    "passes_oracle_base": "fwd orc B",
+    "passes_oracle_nudging": "fwd orc N",
+    "same_text_as_oracle": "=orc",
+}
 
 
 def load_prompts(data_dir: Path, count: int) -> list[str]:
@@ -179,10 +196,10 @@ def summarize(base: list[Row], engine_rows: list[Row], oracle_rows: list[Row]) -
 def print_table(title: str, rows: list[Row]) -> None:
     table = Table(title=title)
     for column in rows[0]:
-        table.add_column(column.replace("_", " "), justify="right")
+        table.add_column(HEADERS[column], justify="right")
     for row in [*rows, {"prompt": "median", **medians(rows)}]:
         table.add_row(*("" if row.get(c) is None else str(row[c]) for c in rows[0]))
-    Console().print(table)
+    Console(width=160).print(table)
 
 
 def parse_args() -> argparse.Namespace:
@@ -229,7 +246,8 @@ def main() -> None:
     # Warm-up: one short run of each path, not timed.
     base_alone(pair, WARM_UP, 8)
     engine(pair, WARM_UP, short)
-    oracle(pair, refs, WARM_UP, short)
+    if args.oracle_prompts:
+        oracle(pair, refs, WARM_UP, short)
 
     base = [timed(lambda m=m: base_alone(pair, m, n), device) for m in prompts]
     engines = {
