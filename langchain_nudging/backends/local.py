@@ -106,19 +106,20 @@ class LocalSession:
             raise ValueError("generate(first=...) must follow peek() of the same answer")
         ids = self._text.encode(self._prompt + answer)
         path = list(ids)
-        new: list[int] = []
-        out: list[Token] = []
+        chosen: list[tuple[int, float, float]] = []
         for k in range(max_new_tokens):
-            token_id, top1, top2 = self._choose_after(path)  # a peek's choice is remembered
-            new.append(token_id)
-            text = self._text.texts(ids, new)[-1]
-            token = Token(text, top1, top2, token_id in self._text.stop_ids)
-            out.append(token)
+            choice = self._choose_after(path)  # a peek's choice is remembered
+            chosen.append(choice)
+            token_id, top1, _ = choice
             low = min_prob is not None and top1 < min_prob and not (k == 0 and first)
-            if token.is_eos or low:
+            if token_id in self._text.stop_ids or low:
                 break
             path.append(token_id)
-        return out
+        texts = self._text.texts(ids, [token_id for token_id, _, _ in chosen])
+        return [
+            Token(text, top1, top2, token_id in self._text.stop_ids)
+            for text, (token_id, top1, top2) in zip(texts, chosen, strict=True)
+        ]
 
     def count_tokens(self, text: str) -> int:
         return self._text.count(text)
