@@ -97,9 +97,8 @@ class ReferenceSession:
             if k == 0 and first is not None:
                 token = first
             out.append(token)
-            if token.is_eos or (min_prob is not None and token.top1_prob < min_prob and k > 0):
-                break
-            if k == 0 and first is None and min_prob is not None and token.top1_prob < min_prob:
+            low = min_prob is not None and token.top1_prob < min_prob
+            if token.is_eos or (low and not (k == 0 and first is not None)):
                 break
         return out
 
