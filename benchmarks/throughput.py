@@ -1,279 +1,340 @@
 """Throughput of the nudging engine against the base model alone and the uncached oracle.
 
     python -m benchmarks.throughput [--prompts 8] [--max-tokens 256] [--oracle-prompts 2]
-        [--draft-tokens 4 8 16] [--threads 2] [--json PATH] [--data-dir ../shared/data]
+        [--draft-tokens 16 8 4] [--growth 64 128 256 512] [--threads 2] [--json PATH]
 
-One process, the same prompts and the same budget of new tokens for every path:
-(a) the base model alone with transformers ``generate`` (greedy, KV cache, EOS suppressed with
-``min_new_tokens`` so it writes exactly the budget): the floor; (b) the nudging engine, once per
-``--draft-tokens`` value; (c) the uncached oracle (``reference_nudge``) on the first
-``--oracle-prompts`` prompts, at the first ``--draft-tokens`` value. Each path runs once on a
-short prompt before timing. Ratios are taken on ms per generated token. docs/benchmarks.md
-explains the columns.
+(also ``nudging bench ...`` from a source checkout). One process, the same prompts and the same
+budget of new tokens for every path: (a) the base model alone with transformers ``generate``
+(greedy, KV cache, EOS masked so it writes exactly the budget): the floor; (b) the nudging
+engine, once per ``--draft-tokens`` value, and once more at the first value with draft
+boundaries verified one pass at a time (the ablation of batched verification); (c) the
+uncached oracle on the first ``--oracle-prompts`` prompts. The engine's forward passes at the
+first draft value are replayed in isolation for the required-cost model. ``--growth`` runs the
+first prompt at several answer lengths. docs/performance.md explains every column.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import GenerationConfig
 
 from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
 from langchain_nudging.models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID
-from langchain_nudging.reference import ReferenceModel, reference_nudge
+from langchain_nudging.reference import ReferenceModel
+
+from .measure import (
+    PassLog,
+    Row,
+    base_alone,
+    engine,
+    load_prompts,
+    memory,
+    oracle,
+    required_cost,
+    timed,
+)
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WARM_UP = [ChatMessage("user", "Hi")]
-Row = dict[str, Any]
-HEADERS = {  # summary key -> short table header (docs/benchmarks.md explains each)
-    "prompt": "#",
-    "tokens_base": "tok base",
-    "tokens_engine": "tok eng",
-    "tokens_oracle": "tok orc",
-    "ms_per_token_base": "ms/tok base",
-    "ms_per_token_engine": "ms/tok eng",
-    "ms_per_token_oracle": "ms/tok orc",
-    "engine_over_base": "eng/base",
-    "oracle_over_engine": "orc/eng",
-    "nudged_share": "nudged",
-    "passes_engine_base": "fwd eng B",
-    "passes_engine_nudging": "fwd eng N",
-    "passes_oracle_base": "fwd orc B",
-    "passes_oracle_nudging": "fwd orc N",
-    "same_text_as_oracle": "=orc",
-}
+PAIR_RATIO = 10  # the projection: a nudging model whose decode step costs 1/10 of the base's
 
 
-def load_prompts(data_dir: Path, count: int) -> list[str]:
-    """The first instructions of just-eval-instruct and GSM8K questions, interleaved."""
-
-    def first(name: str, key: str, n: int) -> list[str]:
-        with open(data_dir / name, encoding="utf-8") as lines:
-            return [json.loads(line)[key] for line, _ in zip(lines, range(n), strict=False)]
-
-    instructions = first("just_eval_instruct_1000.jsonl", "instruction", count - count // 2)
-    questions = first("gsm8k_test.jsonl", "question", count // 2)
-    mixed = [p for pair in zip(instructions, questions, strict=False) for p in pair]
-    return mixed + instructions[len(questions) :]
+def ratio(top: float | None, bottom: float | None) -> float | None:
+    return round(top / bottom, 2) if top and bottom else None
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def median(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 3) if present else None
 
 
-def memory() -> Row:
-    """Peak resident memory of the process so far, and peak CUDA allocation since last reset."""
-    row: Row = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3)}
-    if torch.cuda.is_available():
-        row["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20)
-        torch.cuda.reset_peak_memory_stats()
-    return row
-
-
-def timed(run: Callable[[], Row], device: torch.device) -> Row:
-    sync(device)
-    start = time.perf_counter()
-    row = run()
-    sync(device)
-    seconds = time.perf_counter() - start
-    tokens = row["tokens"]
-    ms = 1e3 * seconds / tokens if tokens else None
-    return {**row, "seconds": round(seconds, 3), "ms_per_token": ms and round(ms, 2), **memory()}
-
-
-@torch.inference_mode()
-def base_alone(pair: NudgingPair, messages: list[ChatMessage], max_tokens: int) -> Row:
-    """The floor: transformers ``generate`` on the engine's own base prompt, exactly N tokens."""
-    prompt = pair.generate(messages).prompts.base
-    model, text = pair.base.model, pair.base.text
-    ids = torch.tensor([text.encode(prompt)], device=model.device)
-    eos = sorted(text.stop_ids)
-    config = GenerationConfig(
-        max_new_tokens=max_tokens,
-        min_new_tokens=max_tokens,  # masks EOS so every run writes the full budget
-        do_sample=False,
-        use_cache=True,
-        eos_token_id=eos,
-        pad_token_id=text.tokenizer.pad_token_id or eos[0],
-    )
-    out = model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config
-    )
-    tokens = out.shape[1] - ids.shape[1]
-    return {"tokens": tokens, "forward_passes": {"base": tokens}}
-
-
-def engine(pair: NudgingPair, messages: list[ChatMessage], config: NudgingConfig) -> Row:
-    generation = pair.generate(messages, config)
-    for _ in generation:
-        pass
-    stats = generation.stats
-    return {
-        "tokens": stats.base_tokens + stats.nudge_tokens,
-        "nudged_share": round(stats.nudged_share, 3),
-        "rounds": stats.rounds,
-        "finish": stats.finish_reason,
-        "forward_passes": stats.forward_passes,
-        "tokens_processed": stats.tokens_processed,
-        "text": generation.text,
-    }
-
-
-def oracle(
-    pair: NudgingPair,
-    refs: tuple[ReferenceModel, ReferenceModel],
-    messages: list[ChatMessage],
-    config: NudgingConfig,
-) -> Row:
-    generation = pair.generate(messages, config)  # the engine's prompts and stop strings
-    for ref in refs:
-        ref.forward_passes = ref.tokens_processed = 0
-    prompts = generation.prompts
-    run = reference_nudge(*refs, prompts.base, prompts.nudging, generation.config)
-    return {
-        "tokens": pair.base.text.count(run.text),
-        "finish": run.finish_reason,
-        "forward_passes": {"base": refs[0].forward_passes, "nudging": refs[1].forward_passes},
-        "tokens_processed": {"base": refs[0].tokens_processed, "nudging": refs[1].tokens_processed},
-        "text": run.text,
-    }
-
-
-def ratio(top: Row | None, bottom: Row | None) -> float | None:
-    if not top or not bottom or not top["ms_per_token"] or not bottom["ms_per_token"]:
+def project(base: Row, run: Row) -> float | None:
+    """Engine / base alone if the nudging model's step cost 1/PAIR_RATIO of the base model's."""
+    cost = run.get("required_by_model")
+    if not cost or "nudging" not in cost or not run["tokens"]:
         return None
-    return round(top["ms_per_token"] / bottom["ms_per_token"], 2)
+    b, n = cost["base"], cost["nudging"]
+    scaled = n["seconds"] * (b["step_ms"] / PAIR_RATIO) / n["step_ms"]
+    seconds = (b["seconds"] + scaled) * run["efficiency"]
+    return round(1e3 * seconds / run["tokens"] / base["ms_per_token"], 2)
 
 
-def median(rows: list[Row], key: str) -> float | None:
-    values = [row[key] for row in rows if row.get(key) is not None]
-    return round(statistics.median(values), 3) if values else None
-
-
-def medians(rows: list[Row]) -> Row:
-    skip = ("prompt", "same_text_as_oracle")
-    return {key: median(rows, key) for key in rows[0] if key not in skip}
-
-
-def summarize(base: list[Row], engine_rows: list[Row], oracle_rows: list[Row]) -> list[Row]:
-    """One row per prompt joining the three paths, with the two ratios."""
+def per_prompt(base: list[Row], runs: list[Row], oracles: list[Row]) -> list[Row]:
     rows = []
-    for i, (b, e) in enumerate(zip(base, engine_rows, strict=True)):
-        o = oracle_rows[i] if i < len(oracle_rows) else None
+    for i, (b, e) in enumerate(zip(base, runs, strict=True)):
+        o = oracles[i] if i < len(oracles) else {}
         rows.append(
             {
-                "prompt": i,
-                "tokens_base": b["tokens"],
-                "tokens_engine": e["tokens"],
-                "tokens_oracle": o and o["tokens"],
-                "ms_per_token_base": b["ms_per_token"],
-                "ms_per_token_engine": e["ms_per_token"],
-                "ms_per_token_oracle": o and o["ms_per_token"],
-                "engine_over_base": ratio(e, b),
-                "oracle_over_engine": ratio(o, e),
-                "nudged_share": e["nudged_share"],
-                "passes_engine_base": e["forward_passes"].get("base"),
-                "passes_engine_nudging": e["forward_passes"].get("nudging"),
-                "passes_oracle_base": o and o["forward_passes"]["base"],
-                "passes_oracle_nudging": o and o["forward_passes"]["nudging"],
-                "same_text_as_oracle": o and o["text"] == e["text"],
+                "#": i,
+                "tok base": b["tokens"],
+                "tok eng": e["tokens"],
+                "tok orc": o.get("tokens"),
+                "ms/tok base": b["ms_per_token"],
+                "ms/tok eng": e["ms_per_token"],
+                "ms/tok orc": o.get("ms_per_token"),
+                "eng/base": ratio(e["ms_per_token"], b["ms_per_token"]),
+                "orc/eng": ratio(o.get("ms_per_token"), e["ms_per_token"]),
+                "nudged": e["nudged_share"],
+                "fwd B/N eng": "{base}/{nudging}".format(**e["forward_passes"]),
+                "fwd B/N orc": "{base}/{nudging}".format(**o["forward_passes"]) if o else None,
+                "required s": e.get("required_s"),
+                "eng/required": e.get("efficiency"),
+                "10:1 eng/base": project(b, e),
+                "=orc": o["text"] == e["text"] if o else None,
             }
         )
     return rows
 
 
+def with_medians(rows: list[Row], label: str = "median") -> list[Row]:
+    keys = [k for k in rows[0] if k != "#"]
+    numeric = {
+        k: median([r[k] for r in rows])
+        for k in keys
+        if all(isinstance(r[k], int | float) or r[k] is None for r in rows)
+        and not all(isinstance(r[k], bool) for r in rows)
+    }
+    return [*rows, {"#": label, **numeric}]
+
+
 def print_table(title: str, rows: list[Row]) -> None:
-    table = Table(title=title)
-    for column in rows[0]:
-        table.add_column(HEADERS[column], justify="right")
-    for row in [*rows, {"prompt": "median", **medians(rows)}]:
-        table.add_row(*("" if row.get(c) is None else str(row[c]) for c in rows[0]))
-    Console(width=160).print(table)
+    table = Table(title=title, title_justify="left")
+    columns = list(rows[0])
+    for column in columns:
+        table.add_column(str(column), justify="right")
+    for row in rows:
+        table.add_row(*("" if row.get(c) in (None, "") else str(row[c]) for c in columns))
+    Console(width=200).print(table)
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nudging bench", description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--oracle-prompts", type=int, default=2)
-    parser.add_argument("--draft-tokens", type=int, nargs="+", default=[16])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--oracle-prompts", type=int, default=2, help="0 skips the oracle")
+    parser.add_argument("--draft-tokens", type=int, nargs="+", default=[16, 8, 4])
+    parser.add_argument(
+        "--ablation-prompts",
+        type=int,
+        default=None,
+        help="prompts for the one-by-one verification ablation (default: all; 0 skips it)",
+    )
+    parser.add_argument(
+        "--growth", type=int, nargs="*", default=[64, 128, 256, 512], help="answer lengths"
+    )
+    parser.add_argument(
+        "--growth-oracle-max", type=int, default=512, help="longest growth length for the oracle"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--base", default=BUNDLED_BASE_ID)
     parser.add_argument("--nudging", default=BUNDLED_NUDGING_ID)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+class Bench:
+    """The loaded pair, the oracle over the same weights, and the pass log."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        start = time.perf_counter()
+        self.pair = NudgingPair.load(
+            args.base, args.nudging, dtype=args.dtype, device=args.device, progress=False
+        )
+        self.load_s = round(time.perf_counter() - start, 2)
+        self.device = self.pair.base.device
+        self.refs = (
+            ReferenceModel(self.pair.base.loaded),
+            ReferenceModel(self.pair.nudging.loaded),
+        )
+        self.log = PassLog({"base": self.pair.base.model, "nudging": self.pair.nudging.model})
+
+    def base(self, messages: list[ChatMessage], n: int) -> Row:
+        return timed(lambda: base_alone(self.pair, messages, n), self.device, self.log)
+
+    def engine(
+        self,
+        messages: list[ChatMessage],
+        config: NudgingConfig,
+        *,
+        replay: bool = False,
+        one_by_one: bool = False,
+    ) -> Row:
+        """One engine run; with ``replay``, its passes are then timed again in isolation."""
+        row = timed(
+            lambda: engine(self.pair, messages, config, one_by_one=one_by_one),
+            self.device,
+            self.log,
+        )
+        return row | required_cost(self.pair, row) if replay else row
+
+    def oracle(self, messages: list[ChatMessage], config: NudgingConfig) -> Row:
+        return timed(lambda: oracle(self.pair, self.refs, messages, config), self.device, self.log)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     prompts = [[ChatMessage("user", p)] for p in load_prompts(args.data_dir, args.prompts)]
-    start = time.perf_counter()
-    pair = NudgingPair.load(
-        args.base, args.nudging, dtype=args.dtype, device=args.device, progress=False
-    )
-    load_s = round(time.perf_counter() - start, 2)
-    device, refs = (
-        pair.base.device,
-        (
-            ReferenceModel(pair.base.loaded),
-            ReferenceModel(pair.nudging.loaded),
-        ),
-    )
+    bench = Bench(args)
     n, drafts = args.max_tokens, args.draft_tokens
-    configs = {d: NudgingConfig(max_tokens=n, draft_tokens=d) for d in drafts}
-    short = NudgingConfig(max_tokens=8, draft_tokens=drafts[0])
+    main_config = NudgingConfig(max_tokens=n, draft_tokens=drafts[0])
     results: Row = {
-        "settings": {**{k: str(v) for k, v in vars(args).items()}, "threads": args.threads},
-        "base_alone_stops": "min_new_tokens=max_tokens (EOS masked, always writes the budget)",
-        "load_s": load_s,
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "device": str(bench.device),
+        "load_s": bench.load_s,
         "after_load": memory(),
     }
-    # Warm-up: one short run of each path, not timed.
-    base_alone(pair, WARM_UP, 8)
-    engine(pair, WARM_UP, short)
+    # Warm-up, not timed: one short run of each path.
+    short = NudgingConfig(max_tokens=8, draft_tokens=drafts[0])
+    bench.base(WARM_UP, 8)
+    bench.engine(WARM_UP, short)
     if args.oracle_prompts:
-        oracle(pair, refs, WARM_UP, short)
+        bench.oracle(WARM_UP, short)
 
-    base = [timed(lambda m=m: base_alone(pair, m, n), device) for m in prompts]
-    engines = {
-        d: [timed(lambda m=m, d=d: engine(pair, m, configs[d]), device) for m in prompts]
-        for d in drafts
-    }
-    oracles = [
-        timed(lambda m=m: oracle(pair, refs, m, configs[drafts[0]]), device)
-        for m in prompts[: args.oracle_prompts]
-    ]
-    results |= {"base_alone": base, "engine": engines, "oracle": oracles, "summary": {}}
+    base = [bench.base(m, n) for m in prompts]
+    runs: dict[int, list[Row]] = {}
     for d in drafts:
-        rows = summarize(base, engines[d], oracles if d == drafts[0] else [])
-        results["summary"][d] = {"rows": rows, "medians": medians(rows)}
-        print_table(
-            f"{n} new tokens, draft_tokens={d}, {args.dtype} on {device}, "
-            f"{args.threads} threads, load {load_s} s",
-            rows,
+        config = main_config.model_copy(update={"draft_tokens": d})
+        runs[d] = [bench.engine(m, config, replay=d == drafts[0]) for m in prompts]
+    ablation_count = len(prompts) if args.ablation_prompts is None else args.ablation_prompts
+    one_by_one = [bench.engine(m, main_config, one_by_one=True) for m in prompts[:ablation_count]]
+    oracles = [bench.oracle(m, main_config) for m in prompts[: args.oracle_prompts]]
+    growth = []
+    for length in args.growth:
+        config = main_config.model_copy(update={"max_tokens": length})
+        growth.append(
+            {
+                "max_tokens": length,
+                "base": bench.base(prompts[0], length),
+                "engine": bench.engine(prompts[0], config),
+                "oracle": bench.oracle(prompts[0], config)
+                if length <= args.growth_oracle_max
+                else None,
+            }
         )
     results["peak"] = memory()
-    print(
-        f"peak RSS {results['peak']['peak_rss_mb']} MB; base alone: {results['base_alone_stops']}"
+
+    title = (
+        f"{n} new tokens, {args.dtype} on {bench.device}, {args.threads} threads, "
+        f"load {bench.load_s} s"
     )
+    main_rows = with_medians(per_prompt(base, runs[drafts[0]], oracles))
+    print_table(f"{title}, draft_tokens={drafts[0]}", main_rows)
+    base_ms = median([b["ms_per_token"] for b in base])
+    sweep = [
+        {
+            "draft_tokens": d,
+            "ms/tok eng": median([r["ms_per_token"] for r in runs[d]]),
+            "ms/tok base": base_ms,
+            "eng/base": median(
+                [
+                    ratio(r["ms_per_token"], b["ms_per_token"])
+                    for r, b in zip(runs[d], base, strict=True)
+                ]
+            ),
+            "nudged": median([r["nudged_share"] for r in runs[d]]),
+            "fwd base": median([r["forward_passes"]["base"] for r in runs[d]]),
+            "fwd nudging": median([r["forward_passes"]["nudging"] for r in runs[d]]),
+            "same text as draft 16": sum(
+                r["text"] == s["text"] for r, s in zip(runs[d], runs[drafts[0]], strict=True)
+            ),
+        }
+        for d in drafts
+    ]
+    print_table("draft_tokens sweep (medians over prompts)", sweep)
+    ablation = []
+    for label, rows in (
+        ("batched (one pass)", runs[drafts[0]][:ablation_count]),
+        ("one by one", one_by_one),
+    ):
+        if rows:
+            ablation.append(
+                {
+                    "verification": label,
+                    "ms/tok eng": median([r["ms_per_token"] for r in rows]),
+                    "fwd base": median([r["forward_passes"]["base"] for r in rows]),
+                    "base fwd s": median([r["forward_seconds"]["base"] for r in rows]),
+                    "engine s": median([r["seconds"] for r in rows]),
+                }
+            )
+    if len(ablation) == 2:
+        print_table(
+            f"draft boundary verification, draft_tokens={drafts[0]}, {ablation_count} prompts",
+            ablation,
+        )
+    profile = [
+        {
+            "#": i,
+            "oracle s": o["seconds"],
+            "re-reading s": o["from_scratch_seconds"],
+            "oracle s without re-reading": round(o["seconds"] - o["from_scratch_seconds"], 3),
+            "engine s": e["seconds"],
+            "orc/eng": ratio(o["seconds"], e["seconds"]),
+            "orc/eng without re-reading": ratio(
+                o["seconds"] - o["from_scratch_seconds"], e["seconds"]
+            ),
+        }
+        for i, (o, e) in enumerate(zip(oracles, runs[drafts[0]], strict=False))
+    ]
+    if profile:
+        print_table(
+            "where the oracle's time goes (re-reading: passes over an empty cache)", profile
+        )
+    growth_rows = [
+        {
+            "max_tokens": g["max_tokens"],
+            "tok eng": g["engine"]["tokens"],
+            "base s": g["base"]["seconds"],
+            "engine s": g["engine"]["seconds"],
+            "oracle s": g["oracle"] and g["oracle"]["seconds"],
+            "ms/tok base": g["base"]["ms_per_token"],
+            "ms/tok eng": g["engine"]["ms_per_token"],
+            "ms/tok orc": g["oracle"] and g["oracle"]["ms_per_token"],
+            "eng/base": ratio(g["engine"]["ms_per_token"], g["base"]["ms_per_token"]),
+            "orc/eng": g["oracle"]
+            and ratio(g["oracle"]["ms_per_token"], g["engine"]["ms_per_token"]),
+        }
+        for g in growth
+    ]
+    if growth_rows:
+        print_table("growth with answer length, prompt 0", growth_rows)
+    print(f"peak RSS {results['peak']['peak_rss_mb']} MB")
+
+    def public(row: Row) -> Row:
+        return {k: v for k, v in row.items() if k != "passes"}
+
+    results |= {
+        "base_alone": [public(r) for r in base],
+        "engine": {d: [public(r) for r in rows] for d, rows in runs.items()},
+        "engine_one_by_one": [public(r) for r in one_by_one],
+        "oracle": [public(r) for r in oracles],
+        "growth": [
+            {k: v if not isinstance(v, dict) else public(v) for k, v in g.items()} for g in growth
+        ],
+        "tables": {
+            "oracle_profile": profile,
+            "per_prompt": main_rows,
+            "draft_sweep": sweep,
+            "verification": ablation,
+            "growth": growth_rows,
+        },
+    }
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
         print(f"wrote {args.json}")
+    return results
 
 
 if __name__ == "__main__":

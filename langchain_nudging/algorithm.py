@@ -241,18 +241,22 @@ class NudgingRun(_Run):
             handover = yield from self._base_turn(boundary)
 
     def _accept_words(self, draft_text: str) -> tuple[str, Token | None]:
-        """Accept draft words until the base model agrees or is confident at a boundary."""
+        """Accept draft words until the base model agrees or is confident at a boundary.
+
+        The base model is asked about every boundary through one ``peek_each`` call: a backend
+        may answer them all in one forward pass; the loop stops reading at the first decision.
+        """
         lead, words = split_draft(draft_text)
-        accepted = 1
-        for i in range(1, len(words)):
-            accepted = i
-            if words[i] == "":
-                continue  # several spaces in a row: no word boundary to ask about
-            candidate = lead + " ".join(words[:i])
-            token = self.base.peek(self.writer.answer + candidate)
-            if agrees(token, words[i]) or token.top1_prob >= self.config.gamma:
+        # Several spaces in a row leave an empty word: no boundary to ask about there.
+        boundaries = [
+            (lead + " ".join(words[:i]), words[i]) for i in range(1, len(words)) if words[i]
+        ]
+        answer = self.writer.answer
+        tokens = self.base.peek_each([answer + candidate for candidate, _ in boundaries])
+        for (candidate, next_word), token in zip(boundaries, tokens, strict=False):
+            if agrees(token, next_word) or token.top1_prob >= self.config.gamma:
                 return candidate, token
-        return lead + " ".join(words[:accepted]), None
+        return lead + " ".join(words[: max(1, len(words) - 1)]), None
 
     def _base_turn(self, boundary: Token) -> Generator[Segment, None, float | None]:
         """The base model writes from ``boundary`` on; returns the probability that ended it."""

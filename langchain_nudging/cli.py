@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from pydantic import ValidationError
 from rich.console import Console
@@ -67,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compare",
         action="store_true",
         help="run the base model alone, the nudging model alone and the nudged pair side by side",
+    )
+    commands.add_parser(
+        "bench",
+        add_help=False,
+        help="measure the engine against the base model alone and the oracle "
+        "(benchmarks/throughput.py of a source checkout; `nudging bench --help` for options)",
     )
     output.add_argument(
         "--marks",
@@ -281,11 +289,35 @@ def run_chat(args: argparse.Namespace, console: Console, errors: Console) -> int
         engine.shutdown()
 
 
+def run_bench(options: list[str], errors: Console) -> int:
+    """Run benchmarks/throughput.py: it lives beside the package in a source checkout."""
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "benchmarks" / "throughput.py").is_file() and str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))
+    try:
+        throughput = importlib.import_module("benchmarks.throughput")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("benchmarks", "benchmarks.throughput"):
+            raise
+        errors.print(
+            "nudging: bench runs benchmarks/throughput.py from a source checkout of "
+            "langchain-nudging (pip install -e <checkout>); it is not part of the installed package"
+        )
+        return 2
+    throughput.main(options)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "bench" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     console = Console(highlight=False, soft_wrap=True)
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
+        if args.command == "bench":
+            return run_bench(rest, errors)
         return run_chat(args, console, errors)
     except ValidationError as exc:
         errors.print(f"nudging: invalid option: {_validation_message(exc)}")

@@ -34,6 +34,7 @@ class GenerationStats:
     rounds: int = 0
     forward_passes: dict[str, int] = field(default_factory=dict)
     tokens_processed: dict[str, int] = field(default_factory=dict)
+    choices_reused: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     time_to_first_segment: float | None = None
     wall_time: float = 0.0
@@ -112,6 +113,7 @@ class Generation:
                 stats.rounds = run.rounds
             stats.forward_passes = {k: v.forward_passes for k, v in sessions.items()}
             stats.tokens_processed = {k: v.tokens_processed for k, v in sessions.items()}
+            stats.choices_reused = {k: v.choices_reused for k, v in sessions.items()}
             stats.wall_time = time.perf_counter() - start
             for session in sessions.values():
                 session.close()

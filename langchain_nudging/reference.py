@@ -8,6 +8,7 @@ what this produces; the cached backend must match it in greedy float32.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,12 +51,19 @@ class ReferenceSession:
         text = self._owner.text
         ids = text.encode(self._prompt + answer)
         logits = self._owner.model(
-            input_ids=torch.tensor([ids], device=self._owner.model.device)
+            input_ids=torch.tensor([ids], device=self._owner.model.device),
+            use_cache=False,
+            logits_to_keep=1,  # as a completions server computes only the next token's
         ).logits[0, -1]
         self._owner.forward_passes += 1
         self._owner.tokens_processed += len(ids)
         token_id, top1, top2 = self._chooser.choose(logits)
         return Token(text.texts(ids, [token_id])[0], top1, top2, token_id in text.stop_ids)
+
+    def peek_each(self, answers: Sequence[str]) -> Iterator[Token]:
+        """One full forward pass per boundary, only as far as the caller reads."""
+        for answer in answers:
+            yield self.peek(answer)
 
     @torch.inference_mode()
     def generate(

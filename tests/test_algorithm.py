@@ -9,7 +9,7 @@ run of non-space characters), used for ``max_tokens``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -102,6 +102,10 @@ class ScriptedBase:
     def peek(self, answer: str) -> Token:
         self.calls.append(("peek", answer))
         return self.next_token(answer)
+
+    def peek_each(self, answers: Sequence[str]) -> Iterator[Token]:
+        for answer in answers:  # one by one, as far as the caller reads
+            yield self.peek(answer)
 
     def generate(
         self,

@@ -196,6 +196,61 @@ def test_first_is_accepted_after_a_memoised_peek(llama_a: Any) -> None:
     assert_same(tokens, oracle.generate(answer, 4, first=peeked))
 
 
+# --- verifying a draft's word boundaries ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
+def test_every_boundary_of_a_draft_is_verified_in_one_forward_pass(
+    loaded_name: str, request: pytest.FixtureRequest
+) -> None:
+    loaded = request.getfixturevalue(loaded_name)
+    session = LocalModel(loaded).session(PROMPT, GREEDY)
+    oracle = ReferenceModel(loaded).session(PROMPT, GREEDY)
+    session.peek(" Paris")  # the cache holds the prompt and an earlier answer
+    draft = " Paris is the capital and largest city of France"
+    words = draft.split(" ")
+    answers = [" ".join(words[:i]) for i in range(2, len(words))]
+    text = TokenizerText(loaded.tokenizer)
+    longest = text.encode(PROMPT + answers[-1])
+    assert all(longest[: len(ids)] == ids for ids in map(text.encode, (PROMPT + a for a in answers)))
+
+    with recorded_inputs(loaded.model) as calls:
+        tokens = list(session.peek_each(answers))
+    assert len(calls) == 1  # one pass over the new words, whatever the number of boundaries
+    assert len(calls[0]) < len(longest) // 2  # " Paris" was not read again
+    assert len(tokens) == len(answers)
+    for answer, token in zip(answers, tokens, strict=True):
+        assert_same(token, oracle.peek(answer))
+
+    # Everything verified is remembered: taking over at a middle boundary runs no new pass
+    # for its first token, and the window continues exactly as the oracle's.
+    middle = answers[2]
+    with recorded_inputs(loaded.model) as calls:
+        again = list(session.peek_each([middle]))
+    assert calls == []
+    window = session.generate(middle, 6, first=again[0])
+    assert_same(window, oracle.generate(middle, 6, first=again[0]))
+
+
+def test_a_boundary_that_tokenizes_differently_is_asked_on_its_own(llama_a: Any) -> None:
+    session = LocalModel(llama_a).session(PROMPT, GREEDY)
+    oracle = ReferenceModel(llama_a).session(PROMPT, GREEDY)
+    answers = [" The cap", " The capital of", " The capital of France"]  # cap+ital merge
+    text = TokenizerText(llama_a.tokenizer)
+    longest = text.encode(PROMPT + answers[-1])
+    assert longest[: len(text.encode(PROMPT + answers[0]))] != text.encode(PROMPT + answers[0])
+
+    want = [oracle.peek(answer) for answer in answers]
+    with recorded_inputs(llama_a.model) as calls:
+        tokens = session.peek_each(answers)
+        assert_same(next(tokens), want[0])
+        assert len(calls) == 2  # the batch for the two that agree, then " The cap" alone
+        assert_same(list(tokens), want[1:])
+    # " The cap" forked the path: what the batch found past the fork is forgotten, and each
+    # later boundary is read on its own (rare: a draft cut at a space keeps its ids).
+    assert len(calls) == 4
+
+
 @pytest.mark.parametrize(
     ("loaded_name", "special"),
     [

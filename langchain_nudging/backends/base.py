@@ -7,6 +7,7 @@ so two models with different tokenizers can share one answer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,6 +39,15 @@ class TextSession(Protocol):
 
     def peek(self, answer: str) -> Token:
         """The token this model writes next after ``prompt + answer`` (not appended)."""
+        ...
+
+    def peek_each(self, answers: Sequence[str]) -> Iterator[Token]:
+        """:meth:`peek` of each answer, in order; the caller may stop reading at any point.
+
+        The answers are a draft cut at successive word boundaries. A backend may answer them
+        all at once (one forward pass over the longest, as speculative decoding verifies a
+        draft) or one by one as they are read.
+        """
         ...
 
     def generate(

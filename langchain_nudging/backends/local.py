@@ -8,6 +8,7 @@ runs the model over the remaining ids only, asking for the last position's logit
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,10 +62,14 @@ class LocalModel:
 class LocalSession:
     """One request's prompt, ids and KV cache for one model.
 
-    The session also remembers the token it chose after every prefix of its current ids, so a
-    question about text it has already read and continued (a draft whose first words were
-    accepted, a peek followed by a window) reuses those choices instead of running the model:
-    greedy choices depend only on the ids before them.
+    Two pieces of state, kept apart:
+
+    - the cache: ``_ids`` whose keys and values it holds, and the logits after the last one;
+    - the path: the longest id sequence asked about since the answer last forked, with the
+      token chosen after each prefix of it that was looked at. Greedy choices depend only on
+      the ids before them, so a question about a prefix already looked at (a draft whose first
+      words were accepted, a boundary verified in a batch, a peek followed by a window) is
+      answered from the path without running the model.
     """
 
     def __init__(self, owner: LocalModel, prompt: str, sampling: SamplingConfig) -> None:
@@ -79,20 +84,34 @@ class LocalSession:
         self._cache: DynamicCache | None = DynamicCache()
         self._ids: list[int] = []  # ids whose keys and values are in the cache
         self._logits: torch.Tensor | None = None  # next-token logits after self._ids
-        self._path: list[int] = []  # self._ids and the ids chosen after them, not yet read
+        self._path: list[int] = []
         self._choices: dict[int, tuple[int, float, float]] = {}  # after _path[:n]: the choice
         self._peeked: str | None = None  # the answer of the last peek
         self.forward_passes = 0
         self.tokens_processed = 0
+        self.choices_reused = 0  # tokens answered from the path without a forward pass
         owner.live_sessions += 1
 
     # -- text-level questions -------------------------------------------------------------
     def peek(self, answer: str) -> Token:
-        ids = self._text.encode(self._prompt + answer)
-        token_id, top1, top2 = self._choose_after(ids)
-        text = self._text.texts(ids, [token_id])[0]
-        self._peeked = answer
-        return Token(text, top1, top2, token_id in self._text.stop_ids)
+        return next(self.peek_each([answer]))
+
+    def peek_each(self, answers: Sequence[str]) -> Iterator[Token]:
+        """Every answer whose ids extend into the longest one's is verified in one pass.
+
+        An answer that tokenizes differently from the longest one's prefix (a boundary that
+        re-tokenizing merges) is asked on its own when it is read.
+        """
+        all_ids = [self._text.encode(self._prompt + answer) for answer in answers]
+        if all_ids:
+            longest = max(all_ids, key=len)
+            prefixes = {len(ids) for ids in all_ids if longest[: len(ids)] == ids}
+            self._look_along(longest, prefixes)
+        for answer, ids in zip(answers, all_ids, strict=True):
+            token_id, top1, top2 = self._choose_after(ids, counted=False)
+            self._peeked = answer
+            text = self._text.texts(ids, [token_id])[0]
+            yield Token(text, top1, top2, token_id in self._text.stop_ids)
 
     def generate(
         self,
@@ -137,52 +156,66 @@ class LocalSession:
             self._path = []
             self._owner.live_sessions -= 1
 
-    # -- the cache ----------------------------------------------------------------------------
-    def _choose_after(self, ids: list[int]) -> tuple[int, float, float]:
+    # -- the path and the cache ---------------------------------------------------------------
+    def _follow(self, ids: list[int]) -> None:
+        """Make ``ids`` part of the path, forgetting the choices past a fork."""
+        keep = common_prefix_length(self._path, ids)
+        if keep < len(ids):
+            self._choices = {n: c for n, c in self._choices.items() if n <= keep}
+            self._path = list(ids)
+
+    def _choose_after(self, ids: list[int], counted: bool = True) -> tuple[int, float, float]:
         """The token chosen after ``ids``: remembered, or from logits reusing the cache."""
+        self._look_along(ids, {len(ids)}, counted)
+        return self._choices[len(ids)]
+
+    def _look_along(self, ids: list[int], prefixes: set[int], counted: bool = True) -> None:
+        """Choose after each ``ids[:n]`` (``n`` in ``prefixes``) not chosen yet, in one pass."""
         if self._cache is None:
             raise RuntimeError("session is closed")
-        keep = common_prefix_length(self._path, ids)
-        if keep < len(self._path):
-            self._choices = {n: c for n, c in self._choices.items() if n <= keep}
-        if keep < len(self._ids):
-            self._cache.crop(keep - len(self._ids))
-            self._ids = self._ids[:keep]
-            self._logits = None
-        self._path = list(ids)
-        choice = self._choices.get(len(ids))
-        if choice is None:
-            choice = self._choices[len(ids)] = self._chooser.choose(self._logits_after_path())
-        return choice
-
-    def _logits_after_path(self) -> torch.Tensor:
-        unread = self._path[len(self._ids) :]
-        if unread:
-            return self._forward(unread)
-        if self._logits is None:  # read, but its logits are gone: read the last id again
-            assert self._cache is not None
-            self._cache.crop(-1)
-            last = self._ids.pop()
-            return self._forward([last])
-        return self._logits
+        self._follow(ids)
+        missing = sorted(n for n in prefixes if n not in self._choices)
+        if counted:
+            self.choices_reused += len(prefixes) - len(missing)
+        if not missing:
+            return
+        if missing == [len(ids)] and self._ids == ids and self._logits is not None:
+            rows = self._logits[None]
+        else:
+            # Read from where the cache and ids fork, and at least from the first position
+            # whose logits are needed (its key and value may be cached, its logits are not).
+            start = min(common_prefix_length(self._ids, ids), missing[0] - 1)
+            if start < len(self._ids):
+                self._cache.crop(start - len(self._ids))
+                del self._ids[start:]
+            rows = self._forward(ids[start:], [n - 1 - start for n in missing])
+        for n, row in zip(missing, rows, strict=True):
+            self._choices[n] = self._chooser.choose(row)
 
     @torch.inference_mode()
-    def _forward(self, new_ids: list[int]) -> torch.Tensor:
+    def _forward(self, new_ids: list[int], positions: list[int]) -> torch.Tensor:
+        """Run ``new_ids`` through the model; the logits at ``positions`` (indices into it).
+
+        Only those rows go through the output layer: with a large vocabulary it costs as much
+        as the rest of the model per position.
+        """
         assert self._cache is not None
         window = self._text.context_window
         if window is not None and len(self._ids) + len(new_ids) > window:
             raise ContextWindowError(
                 f"prompt + answer would exceed {self._owner.name}'s context window of {window}"
             )
-        input_ids = torch.tensor([new_ids], dtype=torch.long, device=self._owner.device)
+        device = self._owner.device
+        last_only = positions == [len(new_ids) - 1]
         output = self._owner.model(
-            input_ids=input_ids,
+            input_ids=torch.tensor([new_ids], dtype=torch.long, device=device),
             **{self._owner.cache_argument: self._cache},
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=1 if last_only else torch.tensor(positions, device=device),
         )
         self._ids.extend(new_ids)
-        self._logits = output.logits[0, -1]
+        rows = output.logits[0]
+        self._logits = rows[-1] if positions[-1] == len(new_ids) - 1 else None
         self.forward_passes += 1
         self.tokens_processed += len(new_ids)
-        return self._logits
+        return rows
