@@ -212,7 +212,9 @@ def test_every_boundary_of_a_draft_is_verified_in_one_forward_pass(
     answers = [" ".join(words[:i]) for i in range(2, len(words))]
     text = TokenizerText(loaded.tokenizer)
     longest = text.encode(PROMPT + answers[-1])
-    assert all(longest[: len(ids)] == ids for ids in map(text.encode, (PROMPT + a for a in answers)))
+    for answer in answers:  # every boundary keeps its ids inside the longest answer's
+        ids = text.encode(PROMPT + answer)
+        assert longest[: len(ids)] == ids
 
     with recorded_inputs(loaded.model) as calls:
         tokens = list(session.peek_each(answers))
@@ -225,11 +227,44 @@ def test_every_boundary_of_a_draft_is_verified_in_one_forward_pass(
     # Everything verified is remembered: taking over at a middle boundary runs no new pass
     # for its first token, and the window continues exactly as the oracle's.
     middle = answers[2]
+    reused = session.choices_reused
     with recorded_inputs(loaded.model) as calls:
         again = list(session.peek_each([middle]))
     assert calls == []
+    assert session.choices_reused == reused + 1
     window = session.generate(middle, 6, first=again[0])
     assert_same(window, oracle.generate(middle, 6, first=again[0]))
+
+
+@pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
+def test_a_draft_still_valid_next_round_is_reused_not_regenerated(
+    loaded_name: str, request: pytest.FixtureRequest
+) -> None:
+    loaded = request.getfixturevalue(loaded_name)
+    session = LocalModel(loaded).session(PROMPT, GREEDY)
+    oracle = ReferenceModel(loaded).session(PROMPT, GREEDY)
+    with recorded_inputs(loaded.model) as first_calls:
+        draft = session.generate("", 16)
+    assert len(draft) == 16
+    assert not draft[-1].is_eos
+    read = [i for call in first_calls for i in call]  # the prompt, then the draft's ids
+    text = TokenizerText(loaded.tokenizer)
+    prompt_length = len(text.encode(PROMPT))
+    # The next round starts after some of the draft (its words were accepted, or the base
+    # model wrote the same text): the longest such start whose text re-tokenizes to the ids
+    # the draft was written with.
+    cut = next(
+        k
+        for k in range(10, 0, -1)
+        if text.encode(PROMPT + joined(draft[:k])) == read[: prompt_length + k]
+    )
+    rest = 16 - cut
+    with recorded_inputs(loaded.model) as calls:
+        again = session.generate(joined(draft[:cut]), rest)
+    assert calls == []  # every token was chosen by the first draft
+    assert session.choices_reused >= rest
+    assert_same(again, draft[cut:])
+    assert_same(again, oracle.generate(joined(draft[:cut]), rest))
 
 
 def test_a_boundary_that_tokenizes_differently_is_asked_on_its_own(llama_a: Any) -> None:
@@ -246,9 +281,7 @@ def test_a_boundary_that_tokenizes_differently_is_asked_on_its_own(llama_a: Any)
         assert_same(next(tokens), want[0])
         assert len(calls) == 2  # the batch for the two that agree, then " The cap" alone
         assert_same(list(tokens), want[1:])
-    # " The cap" forked the path: what the batch found past the fork is forgotten, and each
-    # later boundary is read on its own (rare: a draft cut at a space keeps its ids).
-    assert len(calls) == 4
+    assert len(calls) == 2  # the batch's answers outlive the detour through " The cap"
 
 
 @pytest.mark.parametrize(

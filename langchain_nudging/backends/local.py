@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
@@ -20,6 +20,9 @@ from .hf import TokenChooser, TokenizerText
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
+
+Choice = tuple[int, float, float]  # (token id, top-1 probability, top-2 probability)
+_CHOICE = -1  # a trie node's key for the choice after it (token ids are >= 0)
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -59,17 +62,45 @@ class LocalModel:
         return LocalSession(self, prompt, sampling)
 
 
+class ChoiceTree:
+    """The token chosen after every id sequence a session has looked at: a trie of ids.
+
+    Greedy choices depend only on the ids before them, so a question about a prefix already
+    looked at (a draft whose first words were accepted, a boundary verified in a batch, a
+    peek followed by a window, a passage the base model writes again) is answered without
+    running the model. Under sampling, each prefix keeps the one token sampled after it.
+    """
+
+    def __init__(self) -> None:
+        self._root: dict[int, Any] = {}
+
+    def known(self, ids: list[int], lengths: Sequence[int]) -> dict[int, Choice]:
+        """The choices after ``ids[:n]`` for each ``n`` in ``lengths`` that has one."""
+        wanted, found = set(lengths), {}
+        node: dict[int, Any] | None = self._root
+        for n in range(max(wanted, default=0) + 1):
+            if node is None:
+                break
+            if n in wanted and _CHOICE in node:
+                found[n] = node[_CHOICE]
+            node = node.get(ids[n]) if n < len(ids) else None
+        return found
+
+    def add(self, ids: list[int], choices: dict[int, Choice]) -> None:
+        """Remember the choice after ``ids[:n]`` for each ``n`` in ``choices``."""
+        node = self._root
+        for n in range(max(choices) + 1):
+            if n in choices:
+                node[_CHOICE] = choices[n]
+            if n < len(ids) and n < max(choices):
+                node = node.setdefault(ids[n], {})
+
+
 class LocalSession:
     """One request's prompt, ids and KV cache for one model.
 
-    Two pieces of state, kept apart:
-
-    - the cache: ``_ids`` whose keys and values it holds, and the logits after the last one;
-    - the path: the longest id sequence asked about since the answer last forked, with the
-      token chosen after each prefix of it that was looked at. Greedy choices depend only on
-      the ids before them, so a question about a prefix already looked at (a draft whose first
-      words were accepted, a boundary verified in a batch, a peek followed by a window) is
-      answered from the path without running the model.
+    The cache holds ``_ids`` (and the logits after the last one); a :class:`ChoiceTree`
+    remembers every choice made, so the model runs only for prefixes never looked at.
     """
 
     def __init__(self, owner: LocalModel, prompt: str, sampling: SamplingConfig) -> None:
@@ -84,8 +115,7 @@ class LocalSession:
         self._cache: DynamicCache | None = DynamicCache()
         self._ids: list[int] = []  # ids whose keys and values are in the cache
         self._logits: torch.Tensor | None = None  # next-token logits after self._ids
-        self._path: list[int] = []
-        self._choices: dict[int, tuple[int, float, float]] = {}  # after _path[:n]: the choice
+        self._choices = ChoiceTree()
         self._peeked: str | None = None  # the answer of the last peek
         self.forward_passes = 0
         self.tokens_processed = 0
@@ -125,7 +155,7 @@ class LocalSession:
             raise ValueError("generate(first=...) must follow peek() of the same answer")
         ids = self._text.encode(self._prompt + answer)
         path = list(ids)
-        chosen: list[tuple[int, float, float]] = []
+        chosen: list[Choice] = []
         for k in range(max_new_tokens):
             choice = self._choose_after(path)  # a peek's choice is remembered
             chosen.append(choice)
@@ -148,37 +178,30 @@ class LocalSession:
 
     def close(self) -> None:
         self._peeked = None
-        self._choices = {}
+        self._choices = ChoiceTree()
         if self._cache is not None:
             self._cache = None
             self._logits = None
             self._ids = []
-            self._path = []
             self._owner.live_sessions -= 1
 
-    # -- the path and the cache ---------------------------------------------------------------
-    def _follow(self, ids: list[int]) -> None:
-        """Make ``ids`` part of the path, forgetting the choices past a fork."""
-        keep = common_prefix_length(self._path, ids)
-        if keep < len(ids):
-            self._choices = {n: c for n, c in self._choices.items() if n <= keep}
-            self._path = list(ids)
-
-    def _choose_after(self, ids: list[int], counted: bool = True) -> tuple[int, float, float]:
+    # -- choices and the cache ---------------------------------------------------------------
+    def _choose_after(self, ids: list[int], counted: bool = True) -> Choice:
         """The token chosen after ``ids``: remembered, or from logits reusing the cache."""
-        self._look_along(ids, {len(ids)}, counted)
-        return self._choices[len(ids)]
+        return self._look_along(ids, {len(ids)}, counted)[len(ids)]
 
-    def _look_along(self, ids: list[int], prefixes: set[int], counted: bool = True) -> None:
-        """Choose after each ``ids[:n]`` (``n`` in ``prefixes``) not chosen yet, in one pass."""
+    def _look_along(
+        self, ids: list[int], prefixes: set[int], counted: bool = True
+    ) -> dict[int, Choice]:
+        """The choice after each ``ids[:n]`` (``n`` in ``prefixes``); new ones in one pass."""
         if self._cache is None:
             raise RuntimeError("session is closed")
-        self._follow(ids)
-        missing = sorted(n for n in prefixes if n not in self._choices)
+        known = self._choices.known(ids, prefixes)
+        missing = sorted(prefixes - known.keys())
         if counted:
-            self.choices_reused += len(prefixes) - len(missing)
+            self.choices_reused += len(known)
         if not missing:
-            return
+            return known
         if missing == [len(ids)] and self._ids == ids and self._logits is not None:
             rows = self._logits[None]
         else:
@@ -189,8 +212,9 @@ class LocalSession:
                 self._cache.crop(start - len(self._ids))
                 del self._ids[start:]
             rows = self._forward(ids[start:], [n - 1 - start for n in missing])
-        for n, row in zip(missing, rows, strict=True):
-            self._choices[n] = self._chooser.choose(row)
+        new = {n: self._chooser.choose(row) for n, row in zip(missing, rows, strict=True)}
+        self._choices.add(ids, new)
+        return known | new
 
     @torch.inference_mode()
     def _forward(self, new_ids: list[int], positions: list[int]) -> torch.Tensor:
