@@ -222,6 +222,7 @@ def engine(
         "nudged_share": round(stats.nudged_share, 3),
         "rounds": stats.rounds,
         "finish": stats.finish_reason,
+        "choices_reused": stats.choices_reused,
         "text": generation.text,
     }
 

@@ -101,7 +101,7 @@ def with_medians(rows: list[Row], label: str = "median") -> list[Row]:
         k: median([r[k] for r in rows])
         for k in keys
         if all(isinstance(r[k], int | float) or r[k] is None for r in rows)
-        and not all(isinstance(r[k], bool) for r in rows)
+        and not any(isinstance(r[k], bool) for r in rows)
     }
     return [*rows, {"#": label, **numeric}]
 

@@ -2,7 +2,9 @@
 
 A session keeps the ids whose keys and values sit in its cache. Asking about new text
 re-tokenizes ``prompt + answer``, keeps the longest common id prefix, crops the cache there and
-runs the model over the remaining ids only, asking for the last position's logits alone.
+runs the model over the remaining ids only, asking for logits only where a choice is needed:
+the last position, or every word boundary of a draft being verified. Every choice made is
+remembered: the model never runs twice to choose after the same ids.
 """
 
 from __future__ import annotations
