@@ -169,7 +169,8 @@ class Terminal:
 
 
 def test_interactive_chat_keeps_the_conversation_and_ctrl_c_cancels_one_answer() -> None:
-    terminal = Terminal("chat", "--max-tokens", "24")
+    # A budget long enough that the answer is still streaming when Ctrl-C lands.
+    terminal = Terminal("chat", "--max-tokens", "96")
     try:
         terminal.wait_for(terminal.out, "you>")
         terminal.type("Tell me a story about a dragon.")
