@@ -90,11 +90,11 @@ class ChoiceTree:
 
     def add(self, ids: list[int], choices: dict[int, Choice]) -> None:
         """Remember the choice after ``ids[:n]`` for each ``n`` in ``choices``."""
-        node = self._root
-        for n in range(max(choices) + 1):
+        node, last = self._root, max(choices)
+        for n in range(last + 1):
             if n in choices:
                 node[_CHOICE] = choices[n]
-            if n < len(ids) and n < max(choices):
+            if n < last:
                 node = node.setdefault(ids[n], {})
 
 
