@@ -101,7 +101,7 @@ class ChoiceTree:
 class LocalSession:
     """One request's prompt, ids and KV cache for one model.
 
-    The cache holds ``_ids`` (and the logits after the last one); a :class:`ChoiceTree`
+    The cache holds the keys and values of ``_ids``; a :class:`ChoiceTree`
     remembers every choice made, so the model runs only for prefixes never looked at.
     """
 
@@ -116,7 +116,6 @@ class LocalSession:
         # refuse to crop once they have seen a whole window).
         self._cache: DynamicCache | None = DynamicCache()
         self._ids: list[int] = []  # ids whose keys and values are in the cache
-        self._logits: torch.Tensor | None = None  # next-token logits after self._ids
         self._choices = ChoiceTree()
         self._peeked: str | None = None  # the answer of the last peek
         self.forward_passes = 0
@@ -183,7 +182,6 @@ class LocalSession:
         self._choices = ChoiceTree()
         if self._cache is not None:
             self._cache = None
-            self._logits = None
             self._ids = []
             self._owner.live_sessions -= 1
 
@@ -204,16 +202,14 @@ class LocalSession:
             self.choices_reused += len(known)
         if not missing:
             return known
-        if missing == [len(ids)] and self._ids == ids and self._logits is not None:
-            rows = self._logits[None]
-        else:
-            # Read from where the cache and ids fork, and at least from the first position
-            # whose logits are needed (its key and value may be cached, its logits are not).
-            start = min(common_prefix_length(self._ids, ids), missing[0] - 1)
-            if start < len(self._ids):
-                self._cache.crop(start - len(self._ids))
-                del self._ids[start:]
-            rows = self._forward(ids[start:], [n - 1 - start for n in missing])
+        # Read from where the cache and ids fork, and at least from the first position whose
+        # logits are needed (its key and value may be cached; every choice a pass made is in
+        # the tree, so missing ones were never computed).
+        start = min(common_prefix_length(self._ids, ids), missing[0] - 1)
+        if start < len(self._ids):
+            self._cache.crop(start - len(self._ids))
+            del self._ids[start:]
+        rows = self._forward(ids[start:], [n - 1 - start for n in missing])
         new = {n: self._chooser.choose(row) for n, row in zip(missing, rows, strict=True)}
         self._choices.add(ids, new)
         return known | new
@@ -241,7 +237,6 @@ class LocalSession:
         )
         self._ids.extend(new_ids)
         rows = output.logits[0]
-        self._logits = rows[-1] if positions[-1] == len(new_ids) - 1 else None
         self.forward_passes += 1
         self.tokens_processed += len(new_ids)
         return rows
