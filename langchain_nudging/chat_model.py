@@ -13,12 +13,17 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import (
+    BaseChatModel,
+    LangSmithParams,
+    LanguageModelInput,
+    ModelProfile,
+)
 from langchain_core.language_models.chat_models import generate_from_stream
 from langchain_core.messages import (
     AIMessage,
@@ -26,10 +31,14 @@ from langchain_core.messages import (
     BaseMessage,
     HumanMessage,
     SystemMessage,
+    ToolMessage,
     UsageMetadata,
 )
 from langchain_core.messages import ChatMessage as LangChainChatMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -43,6 +52,15 @@ from pydantic import (
 from typing_extensions import Self
 
 from .algorithm import Mode
+from .chat_tools import (
+    METHODS,
+    StructuredMethod,
+    ToolCallStream,
+    format_tools,
+    output_spec,
+    schema_name,
+    structured_output,
+)
 from .config import NudgingConfig, SamplingConfig
 from .engine import Failed, Finished, NudgingEngine, RequestHandle, SegmentEvent, shared_engine
 from .models import (
@@ -54,6 +72,7 @@ from .models import (
     resolve_dtype,
 )
 from .prompts import DEFAULT_SYSTEM, BasePromptFormat, ChatMessage, Role
+from .structured import IncompleteAnswerError, OutputSpec, ToolCall
 
 # Constraints shared by the fields and the per-call options, so both fail the same way.
 Gamma = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -91,39 +110,61 @@ def finish_reason_for(reason: str | None) -> str:
 
 def to_chat_messages(messages: Sequence[BaseMessage]) -> list[ChatMessage]:
     """LangChain messages -> the engine's ``ChatMessage`` list, or a ``ValueError`` naming the
-    first message (and content block) it cannot take. ``name`` is accepted and not rendered."""
+    first message (and content block) it cannot take. ``name`` is accepted and not rendered,
+    except on a tool message (the tool's name)."""
     if not messages:
         raise ValueError("messages: the conversation is empty; pass at least one human message")
     converted = []
+    tool_names: dict[str, str] = {}  # tool call id -> tool name, for tool messages without one
     for index, message in enumerate(messages):
-        converted.append(ChatMessage(_role(message, index), _text(message.content, index)))
+        role = _role(message, index)
+        if isinstance(message, AIMessage):
+            calls = tuple(
+                ToolCall(call["name"], dict(call["args"]), call.get("id"))
+                for call in message.tool_calls
+            )
+            tool_names.update({c.id: c.name for c in calls if c.id})
+            text = _text(message.content, index, skip=_TOOL_CALL_BLOCKS)
+            converted.append(ChatMessage(role, text, calls))
+        elif isinstance(message, ToolMessage):
+            name = message.name or tool_names.get(message.tool_call_id)
+            text = _text(message.content, index)
+            if message.status == "error":
+                text = f"Error: {text}" if not text.lower().startswith("error") else text
+            converted.append(ChatMessage(role, text, name=name, tool_call_id=message.tool_call_id))
+        else:
+            converted.append(ChatMessage(role, _text(message.content, index)))
     return converted
+
+
+# Content blocks of an AI message that repeat its tool calls (Anthropic, OpenAI Responses).
+_TOOL_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "function_call", "server_tool_use"})
 
 
 def _role(message: BaseMessage, index: int) -> Role:
     where = f"messages[{index}]"
     if isinstance(message, AIMessage):
-        if message.tool_calls or message.invalid_tool_calls:
-            raise ValueError(f"{where}: an AI message with tool calls; tools are not supported yet")
         return "assistant"
     if isinstance(message, HumanMessage):
         return "user"
     if isinstance(message, SystemMessage):
         return "system"
+    if isinstance(message, ToolMessage):
+        return "tool"
     if isinstance(message, LangChainChatMessage) and message.role.lower() in _ROLES:
         return _ROLES[message.role.lower()]
-    if message.type in ("tool", "function"):
-        raise ValueError(f"{where}: a {type(message).__name__}; tools are not supported yet")
     kind = type(message).__name__
     if isinstance(message, LangChainChatMessage):
         kind += f" with role {message.role!r}"
     raise ValueError(
-        f"{where}: {kind} is not supported; use system, human or AI messages "
+        f"{where}: {kind} is not supported; use system, human, AI or tool messages "
         f"(or a ChatMessage with role one of {sorted(_ROLES)})"
     )
 
 
-def _text(content: str | list[str | dict[str, Any]], index: int) -> str:
+def _text(
+    content: str | list[str | dict[str, Any]], index: int, skip: frozenset[str] = frozenset()
+) -> str:
     if isinstance(content, str):
         return content
     parts = []
@@ -132,6 +173,8 @@ def _text(content: str | list[str | dict[str, Any]], index: int) -> str:
             parts.append(block)
         elif isinstance(block, dict) and block.get("type") == "text":
             parts.append(str(block.get("text", "")))
+        elif isinstance(block, dict) and block.get("type") in skip:
+            continue
         else:
             kind = block.get("type") if isinstance(block, dict) else type(block).__name__
             raise ValueError(
@@ -187,6 +230,13 @@ class _CallOptions(BaseModel):
     top_k: TopK | None = None
     seed: Seed | None = None
     timeout: Seconds | None = None
+    # Tools and structured output (set by bind_tools / with_structured_output / bind).
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: Any = None
+    parallel_tool_calls: bool | None = None
+    strict: bool | None = None
+    ls_structured_output_format: Any = None  # LangSmith's record of the requested format
 
     @field_validator("model")
     @classmethod
@@ -215,6 +265,7 @@ class _Request:
     base_format: BasePromptFormat
     base: Any
     timeout: float | None
+    output: OutputSpec
 
     @property
     def model_name(self) -> str:
@@ -228,26 +279,30 @@ class _Answer:
         self.request = request
         self.nudging_name = engine.pair.nudging.name
         self.timed_out = False
+        self.calls = ToolCallStream(request.output)
 
-    def chunk(self, event: SegmentEvent | Finished | Failed) -> ChatGenerationChunk | None:
+    def chunks(self, event: SegmentEvent | Finished | Failed) -> list[ChatGenerationChunk]:
         if isinstance(event, SegmentEvent):
             segment = event.segment
             if not segment.text:
-                return None
+                return []
             provenance = {
                 "text": segment.text,
                 "source": segment.source,
                 "base_top1_prob": segment.base_top1_prob,
             }
+            content, calls = self.calls.add(segment.text)
             message = AIMessageChunk(
-                content=segment.text, response_metadata={"segments": [provenance]}
+                content=content,
+                tool_call_chunks=calls,
+                response_metadata={"segments": [provenance]},
             )
-            return ChatGenerationChunk(message=message)
+            return [ChatGenerationChunk(message=message)]
         if isinstance(event, Failed):
             raise event.error
         return self._last(event)
 
-    def _last(self, finished: Finished) -> ChatGenerationChunk:
+    def _last(self, finished: Finished) -> list[ChatGenerationChunk]:
         stats = finished.stats
         if stats.finish_reason == "cancelled":
             if self.timed_out:
@@ -256,6 +311,18 @@ class _Answer:
                     "was cancelled in the engine"
                 )
             raise RuntimeError("the request was cancelled in the engine (was it shut down?)")
+        try:
+            content, calls = self.calls.finish()
+        except IncompleteAnswerError as error:
+            raise IncompleteAnswerError(
+                f"{error} (finish_reason={stats.finish_reason!r}; raise max_tokens "
+                f"(now {self.request.config.max_tokens}) or lower max_json_string_length)"
+            ) from None
+        rest = (
+            [ChatGenerationChunk(message=AIMessageChunk(content=content, tool_call_chunks=calls))]
+            if content or calls
+            else []
+        )
         output = stats.base_tokens + stats.nudge_tokens  # the answer's base-tokenizer count
         usage = UsageMetadata(
             input_tokens=stats.prompt_tokens,
@@ -267,14 +334,16 @@ class _Answer:
             "model_provider": "nudging",
             "nudging_model_name": self.nudging_name,
             "mode": self.request.mode,
-            "finish_reason": finish_reason_for(stats.finish_reason),
+            "finish_reason": (
+                "tool_calls" if self.calls.is_call else finish_reason_for(stats.finish_reason)
+            ),
             "nudging_finish_reason": stats.finish_reason,
             "nudging_stats": stats.as_dict(),
         }
         message = AIMessageChunk(
             content="", usage_metadata=usage, response_metadata=info, chunk_position="last"
         )
-        return ChatGenerationChunk(message=message, generation_info=dict(info))
+        return [*rest, ChatGenerationChunk(message=message, generation_info=dict(info))]
 
 
 class NudgedChatModel(BaseChatModel):
@@ -375,6 +444,12 @@ class NudgedChatModel(BaseChatModel):
     """Label of an assistant turn in the base model's transcript."""
     base_separator: NonEmpty = "\n"
     """Between the transcript's lines; separator + a label is also a stop string."""
+
+    # -- tools and structured output ---------------------------------------------------------
+    max_json_string_length: PositiveInt | None = 512
+    """Longest JSON string (in characters) in a tool call or structured answer whose schema
+    sets no length of its own: small models can loop inside a string until ``max_tokens``
+    ends the answer mid-JSON; the grammar closes the string instead. ``None``: no cap."""
 
     # -- LangChain -------------------------------------------------------------------------
     streaming: bool = False
@@ -555,6 +630,99 @@ class NudgedChatModel(BaseChatModel):
         tokenizer = self._load_one(self.base_model).tokenizer
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    # -- tools and structured output --------------------------------------------------------
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        return ModelProfile(
+            text_inputs=True,
+            text_outputs=True,
+            tool_calling=True,
+            tool_choice=True,
+            tool_call_streaming=True,
+            structured_output=True,
+        )
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | bool | dict[str, Any] | None = None,
+        response_format: Any = None,
+        parallel_tool_calls: bool | None = None,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind tools; the answer is then text or one call of a bound tool, as
+        ``tool_choice`` allows (docs/tools.md).
+
+        ``tool_choice``: ``"auto"`` (default), ``"any"``/``"required"``/``True`` (a call to
+        some tool), ``"none"`` (text), or a tool's name (a call to that tool). A call's JSON is
+        constrained by a grammar built from the tools' argument schemas, so it always parses
+        and matches them. ``response_format`` (``{"type": "json_schema", ...}``,
+        ``{"type": "json_object"}``, a pydantic model or a JSON schema) makes a non-call
+        answer JSON that matches it. ``parallel_tool_calls`` is accepted; an answer holds at
+        most one call. ``strict`` is accepted (calls are always schema-valid).
+        Bad tools, choices or schemas raise ``ValueError`` here, before anything runs.
+        """
+        formatted = format_tools(tools, strict=strict)
+        output_spec(formatted, tool_choice, response_format, self.max_json_string_length)
+        options = {
+            "tool_choice": tool_choice,
+            "response_format": response_format,
+            "parallel_tool_calls": parallel_tool_calls,
+            "strict": strict,
+        }
+        given = {k: v for k, v in options.items() if v is not None}
+        return super().bind(tools=formatted, **given, **kwargs)
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        method: StructuredMethod = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """An answer parsed into ``schema`` (pydantic v2 or v1 model, TypedDict, JSON schema).
+
+        ``method``: ``"json_schema"`` (default; the answer is JSON constrained to the schema,
+        which both prompts show), ``"function_calling"`` (a forced call of a tool named after
+        the schema) or ``"json_mode"`` (a JSON object; the schema constrains it but the prompts
+        only ask for JSON, so describe the fields in your prompt). ``include_raw=True`` returns
+        ``{"raw", "parsed", "parsing_error"}``. ``strict`` is accepted (always strict).
+        """
+        if kwargs:
+            raise ValueError(f"with_structured_output: unknown argument(s) {sorted(kwargs)}")
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
+        if schema is None:
+            raise ValueError("schema: give a pydantic model, a TypedDict or a JSON schema")
+        trace = {"kwargs": {"method": method, "strict": strict}}
+        if method == "function_calling":
+            name = schema_name(schema)
+            trace["schema"] = convert_to_openai_tool(schema)
+            bound = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=trace)
+        else:
+            json_schema = convert_to_json_schema(schema)
+            trace["schema"] = json_schema
+            if method == "json_mode":
+                # JSON mode with a schema: the schema constrains, the prompt is the user's.
+                response_format = {"type": "json_object", "schema": json_schema}
+                output_spec(None, None, response_format, self.max_json_string_length)
+                bound = self.bind(
+                    response_format=response_format, ls_structured_output_format=trace
+                )
+            else:
+                response_format = {
+                    "type": "json_schema",
+                    "json_schema": {"name": schema_name(schema), "schema": json_schema},
+                }
+                output_spec(None, None, response_format, self.max_json_string_length)
+                bound = self.bind(
+                    response_format=response_format, ls_structured_output_format=trace
+                )
+        return structured_output(bound, schema, method, include_raw)
+
     # -- one request ---------------------------------------------------------------------------
     def _stops(self, stop: list[str] | None) -> list[str]:
         return list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
@@ -579,6 +747,12 @@ class NudgedChatModel(BaseChatModel):
         if stop is not None and any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop={stop!r}: stop strings must be non-empty strings")
         chat = to_chat_messages(messages)
+        output = output_spec(
+            options.tools,
+            options.tool_choice,
+            options.response_format,
+            self.max_json_string_length,
+        )
         return _Request(
             messages=chat,
             config=self.nudging_config(stop, **given),
@@ -586,6 +760,7 @@ class NudgedChatModel(BaseChatModel):
             base_format=self._base_format,
             base=options.model if options.model is not None else self.base_model,
             timeout=options.timeout if options.timeout is not None else self.timeout,
+            output=output,
         )
 
     def nudging_config(self, stop: list[str] | None = None, **overrides: Any) -> NudgingConfig:
@@ -618,7 +793,9 @@ class NudgedChatModel(BaseChatModel):
         self, request: _Request, pair: tuple[LoadedModel, LoadedModel]
     ) -> tuple[_Answer, RequestHandle]:
         engine = shared_engine(*pair)
-        handle = engine.submit(request.messages, request.config, request.mode, request.base_format)
+        handle = engine.submit(
+            request.messages, request.config, request.mode, request.base_format, request.output
+        )
         return _Answer(request, engine), handle
 
     # -- streaming -------------------------------------------------------------------------
@@ -641,9 +818,7 @@ class NudgedChatModel(BaseChatModel):
         events = iter(handle)
         try:
             for event in events:
-                chunk = answer.chunk(event)
-                if chunk is not None:
-                    yield chunk
+                yield from answer.chunks(event)
         finally:  # also on GeneratorExit: the consumer left early
             if timer is not None:
                 timer.cancel()
@@ -667,8 +842,7 @@ class NudgedChatModel(BaseChatModel):
         events = handle.__aiter__()
         try:
             async for event in events:
-                chunk = answer.chunk(event)
-                if chunk is not None:
+                for chunk in answer.chunks(event):
                     yield chunk
         finally:  # also on aclose(), task cancellation and garbage collection
             if timer is not None:

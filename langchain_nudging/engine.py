@@ -24,6 +24,7 @@ from .config import NudgingConfig
 from .generation import Generation, GenerationStats, NudgingPair
 from .models import LoadedModel
 from .prompts import BasePromptFormat, ChatMessage
+from .structured import OutputSpec
 
 DEFAULT_MAX_REQUESTS = 64
 
@@ -205,9 +206,10 @@ class NudgingEngine:
         config: NudgingConfig | None = None,
         mode: Mode = "nudged",
         base_format: BasePromptFormat | None = None,
+        output: OutputSpec | None = None,
     ) -> RequestHandle:
         """Queue a request. Bad input and a full queue raise here, before anything runs."""
-        generation = self.pair.generate(messages, config, mode, base_format)
+        generation = self.pair.generate(messages, config, mode, base_format, output)
         with self._wakeup:
             if self._closed:
                 raise EngineClosedError("the engine was shut down")

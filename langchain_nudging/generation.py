@@ -16,6 +16,7 @@ from .backends.local import LocalModel, LocalSession
 from .config import NudgingConfig
 from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, LoadedModel, load_model
 from .prompts import BasePromptFormat, ChatMessage, render_prompts
+from .structured import OutputSpec
 
 
 @dataclass
@@ -35,6 +36,7 @@ class GenerationStats:
     forward_passes: dict[str, int] = field(default_factory=dict)
     tokens_processed: dict[str, int] = field(default_factory=dict)
     choices_reused: dict[str, int] = field(default_factory=dict)
+    grammar_masks: dict[str, int] = field(default_factory=dict)
     prompt_tokens: int = 0
     time_to_first_segment: float | None = None
     wall_time: float = 0.0
@@ -48,6 +50,9 @@ class GenerationStats:
         return {**asdict(self), "nudged_share": round(self.nudged_share, 4)}
 
 
+_NEVER = 1 << 30
+
+
 class Generation:
     """One streamed answer: iterate for segments, then read ``text`` and ``stats``."""
 
@@ -58,14 +63,22 @@ class Generation:
         config: NudgingConfig,
         mode: Mode = "nudged",
         base_format: BasePromptFormat | None = None,
+        output: OutputSpec | None = None,
     ) -> None:
         if mode not in ("nudged", "base", "nudging"):
             raise ValueError(f"mode: {mode!r} is not one of 'nudged', 'base', 'nudging'")
         self.mode = mode
+        self.output = output or OutputSpec()
+        self.grammar = self.output.grammar
         prompts = render_prompts(
-            messages, pair.nudging.text.tokenizer, base_format or pair.base_format
+            messages, pair.nudging.text.tokenizer, base_format or pair.base_format, self.output
         )
-        self.config = config.model_copy(update={"stop": (*config.stop, *prompts.stop)})
+        update: dict[str, object] = {"stop": (*config.stop, *prompts.stop)}
+        if self.output.json_only:
+            # A repetition stop would end the answer inside its JSON; loops inside strings are
+            # bounded by the grammar (max_string_length) and the budget instead.
+            update |= {"min_repeat_chars": _NEVER, "max_same_nudges": _NEVER}
+        self.config = config.model_copy(update=update)
         self.prompts = prompts
         self._pair = pair
         self.segments: list[Segment] = []
@@ -92,9 +105,13 @@ class Generation:
         run: NudgingRun | SoloRun | None = None
         try:
             if self.mode != "nudging":
-                sessions["base"] = pair.base.session(prompts.base, config.base_sampling)
+                sessions["base"] = pair.base.session(
+                    prompts.base, config.base_sampling, self.grammar
+                )
             if self.mode != "base":
-                sessions["nudging"] = pair.nudging.session(prompts.nudging, config.nudging_sampling)
+                sessions["nudging"] = pair.nudging.session(
+                    prompts.nudging, config.nudging_sampling, self.grammar
+                )
             if self.mode == "nudged":
                 run = NudgingRun(sessions["base"], sessions["nudging"], config)
             elif self.mode == "base":
@@ -114,6 +131,7 @@ class Generation:
             stats.forward_passes = {k: v.forward_passes for k, v in sessions.items()}
             stats.tokens_processed = {k: v.tokens_processed for k, v in sessions.items()}
             stats.choices_reused = {k: v.choices_reused for k, v in sessions.items()}
+            stats.grammar_masks = {k: v.grammar_masks for k, v in sessions.items()}
             stats.wall_time = time.perf_counter() - start
             for session in sessions.values():
                 session.close()
@@ -164,15 +182,18 @@ class NudgingPair:
         config: NudgingConfig | None = None,
         mode: Mode = "nudged",
         base_format: BasePromptFormat | None = None,
+        output: OutputSpec | None = None,
     ) -> Generation:
         """Prepare an answer; nothing runs until the result is iterated.
 
         ``mode`` is ``"nudged"``, or a baseline with the same prompts and stop rules:
         ``"base"`` (the base model alone) or ``"nudging"`` (the nudging model alone).
         ``base_format`` overrides the pair's base transcript format for this request.
+        ``output`` says what the answer must be (tools, a JSON schema): both models' choices
+        are then constrained by its grammar.
         Bad input (an empty conversation, a prompt beyond a context window) raises here.
         """
-        return Generation(self, messages, config or NudgingConfig(), mode, base_format)
+        return Generation(self, messages, config or NudgingConfig(), mode, base_format, output)
 
     @property
     def live_sessions(self) -> int:

@@ -39,15 +39,17 @@ class TokenizerText:
         self.tokenizer = tokenizer
         self.name = name
         self.context_window = context_window
-        stop = set(tokenizer.all_special_ids)
+        eos: dict[int, None] = {}
         for source in (tokenizer.eos_token_id, getattr(model, "generation_config", None)):
             ids = getattr(source, "eos_token_id", source)
             if isinstance(ids, int):
-                stop.add(ids)
+                eos[ids] = None
             elif isinstance(ids, list | tuple | set):
-                stop.update(int(i) for i in ids)
+                eos.update(dict.fromkeys(int(i) for i in ids))
+        #: The ids that end an answer where a grammar allows it to end.
+        self.eos_ids = list(eos)
         # Every special token ends a turn: none of them is answer text.
-        self.stop_ids = frozenset(stop)
+        self.stop_ids = frozenset({*tokenizer.all_special_ids, *eos})
 
     def encode(self, text: str) -> list[int]:
         """Ids of a prompt (+ answer), adding the tokenizer's BOS unless the text has it."""
@@ -121,12 +123,22 @@ class TokenChooser:
                 self.generator.seed()
         self.warpers = warpers
 
-    def choose(self, logits: torch.Tensor) -> tuple[int, float, float]:
-        """``(id, top1_prob, top2_prob)`` for one position's logits (shape ``[vocab]``)."""
+    def choose(
+        self, logits: torch.Tensor, allowed: torch.Tensor | None = None
+    ) -> tuple[int, float, float]:
+        """``(id, top1_prob, top2_prob)`` for one position's logits (shape ``[vocab]``).
+
+        ``allowed`` (a boolean mask, e.g. a grammar's) limits which id is picked; the
+        probabilities stay those of the raw softmax (DESIGN rule 6).
+        """
         logits = logits.float()
         top = torch.topk(torch.softmax(logits, dim=-1), 2)
         probs = top.values.tolist()
-        if self.generator is None:
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+            if self.generator is None:
+                return int(torch.argmax(logits)), probs[0], probs[1]
+        elif self.generator is None:
             return int(top.indices[0]), probs[0], probs[1]
         scores = self.warpers(None, logits[None, :])  # type: ignore[arg-type]
         picked = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)

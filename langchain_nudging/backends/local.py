@@ -18,6 +18,7 @@ from transformers import DynamicCache
 
 from ..config import SamplingConfig
 from .base import ContextWindowError, Token
+from .grammar import AnswerMatcher, GrammarTokenizer
 from .hf import TokenChooser, TokenizerText
 
 if TYPE_CHECKING:
@@ -52,6 +53,9 @@ class LocalModel:
             loaded.tokenizer, loaded.model, loaded.context_window, loaded.name
         )
         self.live_sessions = 0
+        head = self.model.get_output_embeddings()
+        width = head.weight.shape[0] if head is not None else len(loaded.tokenizer)
+        self.grammar = GrammarTokenizer(loaded.tokenizer, width, self.text.eos_ids)
         # transformers 5.x renamed the forward argument `past_key_values` to `cache`.
         parameters = inspect.signature(self.model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
@@ -60,8 +64,10 @@ class LocalModel:
     def device(self) -> torch.device:
         return self.model.device
 
-    def session(self, prompt: str, sampling: SamplingConfig) -> LocalSession:
-        return LocalSession(self, prompt, sampling)
+    def session(
+        self, prompt: str, sampling: SamplingConfig, grammar: str | None = None
+    ) -> LocalSession:
+        return LocalSession(self, prompt, sampling, grammar)
 
 
 class ChoiceTree:
@@ -105,12 +111,20 @@ class LocalSession:
     remembers every choice made, so the model runs only for prefixes never looked at.
     """
 
-    def __init__(self, owner: LocalModel, prompt: str, sampling: SamplingConfig) -> None:
+    def __init__(
+        self,
+        owner: LocalModel,
+        prompt: str,
+        sampling: SamplingConfig,
+        grammar: str | None = None,
+    ) -> None:
         self._owner = owner
         self._text = owner.text
         self._prompt = prompt
         self._text.encode(prompt)  # fail on an over-long prompt before any work
         self._chooser = TokenChooser(sampling, owner.device)
+        # Only a constrained request has a matcher: the others never compute a mask.
+        self._matcher: AnswerMatcher | None = owner.grammar.matcher(grammar) if grammar else None
         # Full-length layers even for sliding-window models: the attention mask still applies
         # the window, and the cache can be cropped anywhere (transformers' sliding layers
         # refuse to crop once they have seen a whole window).
@@ -134,12 +148,18 @@ class LocalSession:
         re-tokenizing merges) is asked on its own when it is read.
         """
         all_ids = [self._text.encode(self._prompt + answer) for answer in answers]
+        grammar_ids = {}
+        if self._matcher is not None:
+            grammar_ids = {
+                len(ids): self._matcher.answer_ids(answer)
+                for ids, answer in zip(all_ids, answers, strict=True)
+            }
         if all_ids:
             longest = max(all_ids, key=len)
             prefixes = {len(ids) for ids in all_ids if longest[: len(ids)] == ids}
-            self._look_along(longest, prefixes)
+            self._look_along(longest, prefixes, grammar_ids=grammar_ids)
         for answer, ids in zip(answers, all_ids, strict=True):
-            token_id, top1, top2 = self._choose_after(ids, counted=False)
+            token_id, top1, top2 = self._choose_after(ids, grammar_ids, counted=False)
             self._peeked = answer
             text = self._text.texts(ids, [token_id])[0]
             yield Token(text, top1, top2, token_id in self._text.stop_ids)
@@ -156,15 +176,17 @@ class LocalSession:
             raise ValueError("generate(first=...) must follow peek() of the same answer")
         ids = self._text.encode(self._prompt + answer)
         path = list(ids)
+        grammar_path = self._matcher.answer_ids(answer) if self._matcher is not None else []
         chosen: list[Choice] = []
         for k in range(max_new_tokens):
-            choice = self._choose_after(path)  # a peek's choice is remembered
+            choice = self._choose_after(path, {len(path): grammar_path})  # peeks are remembered
             chosen.append(choice)
             token_id, top1, _ = choice
             low = min_prob is not None and top1 < min_prob and not (k == 0 and first)
             if token_id in self._text.stop_ids or low:
                 break
             path.append(token_id)
+            grammar_path = [*grammar_path, token_id]
         texts = self._text.texts(ids, [token_id for token_id, _, _ in chosen])
         return [
             Token(text, top1, top2, token_id in self._text.stop_ids)
@@ -177,8 +199,14 @@ class LocalSession:
     def truncate_tokens(self, text: str, max_tokens: int) -> str:
         return self._text.truncate(text, max_tokens)
 
+    @property
+    def grammar_masks(self) -> int:
+        """Grammar masks computed so far (0 for an unconstrained request)."""
+        return self._matcher.mask_calls if self._matcher is not None else 0
+
     def close(self) -> None:
         self._peeked = None
+        self._matcher = None
         self._choices = ChoiceTree()
         if self._cache is not None:
             self._cache = None
@@ -186,14 +214,23 @@ class LocalSession:
             self._owner.live_sessions -= 1
 
     # -- choices and the cache ---------------------------------------------------------------
-    def _choose_after(self, ids: list[int], counted: bool = True) -> Choice:
+    def _choose_after(
+        self, ids: list[int], grammar_ids: dict[int, list[int]], counted: bool = True
+    ) -> Choice:
         """The token chosen after ``ids``: remembered, or from logits reusing the cache."""
-        return self._look_along(ids, {len(ids)}, counted)[len(ids)]
+        return self._look_along(ids, {len(ids)}, counted, grammar_ids)[len(ids)]
 
     def _look_along(
-        self, ids: list[int], prefixes: set[int], counted: bool = True
+        self,
+        ids: list[int],
+        prefixes: set[int],
+        counted: bool = True,
+        grammar_ids: dict[int, list[int]] | None = None,
     ) -> dict[int, Choice]:
-        """The choice after each ``ids[:n]`` (``n`` in ``prefixes``); new ones in one pass."""
+        """The choice after each ``ids[:n]`` (``n`` in ``prefixes``); new ones in one pass.
+
+        Under a grammar, ``grammar_ids[n]`` is the answer of ``ids[:n]`` in the matcher's ids.
+        """
         if self._cache is None:
             raise RuntimeError("session is closed")
         known = self._choices.known(ids, prefixes)
@@ -210,7 +247,13 @@ class LocalSession:
             self._cache.crop(start - len(self._ids))
             del self._ids[start:]
         rows = self._forward(ids[start:], [n - 1 - start for n in missing])
-        new = {n: self._chooser.choose(row) for n, row in zip(missing, rows, strict=True)}
+        matcher = self._matcher
+        new = {
+            n: self._chooser.choose(
+                row, None if matcher is None else matcher.allowed((grammar_ids or {})[n])
+            )
+            for n, row in zip(missing, rows, strict=True)
+        }
         self._choices.add(ids, new)
         return known | new
 
