@@ -15,6 +15,7 @@ prompts::
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -105,9 +106,18 @@ class OutputSpec:
     max_string_length: int | None = None
 
     def __post_init__(self) -> None:
-        names = [tool.name for tool in self.tools]
-        if len(set(names)) != len(names):
-            raise ValueError(f"tools: names must be unique, got {names}")
+        # One tool per name: the same tool given twice counts once; of two different tools
+        # with one name, the later wins (as a later definition replaces an earlier one).
+        by_name: dict[str, ToolSpec] = {}
+        for tool in self.tools:
+            if tool.name in by_name and by_name[tool.name] != tool:
+                warnings.warn(
+                    f"tools: two different tools are named {tool.name!r}; the later one is used",
+                    stacklevel=4,
+                )
+            by_name[tool.name] = tool
+        object.__setattr__(self, "tools", tuple(by_name.values()))
+        names = list(by_name)
         if self.tool_choice not in ("auto", "required", "none"):
             if not self.tools:
                 raise ValueError(

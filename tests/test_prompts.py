@@ -17,6 +17,7 @@ from langchain_nudging.prompts import (
     normalize,
     render_prompts,
 )
+from langchain_nudging.structured import ToolCall
 
 # Gemma-like: no system role (raises), "model" for the assistant, emits its BOS.
 NO_SYSTEM_TEMPLATE = (
@@ -234,7 +235,11 @@ def test_normalize_joins_system_messages_wherever_they_are() -> None:
         ([], r"^messages: .*empty"),
         ([system("S")], r"^messages: .*user message"),
         ([system("S"), assistant("A")], r"^messages: .*user message"),
-        ([user("q"), ChatMessage("tool", "x")], r"^messages\[1\]\.role: 'tool'"),  # type: ignore[arg-type]
+        ([user("q"), ChatMessage("critic", "x")], r"^messages\[1\]\.role: 'critic'"),  # type: ignore[arg-type]
+        (
+            [ChatMessage("user", "q", (ToolCall("f", {}),))],
+            r"^messages\[0\]: only assistant messages carry tool calls",
+        ),
     ],
 )
 def test_bad_conversations_raise_value_error_naming_messages(

@@ -50,11 +50,16 @@ class AnswerMatcher:
     def __init__(self, owner: GrammarTokenizer, grammar: str) -> None:
         self._tokenizer = owner.tokenizer
         self._width = owner.logits_width
-        self._matcher = llguidance.LLMatcher(self._tokenizer, grammar, log_level=0)
-        if self._matcher.is_error():
-            raise GrammarViolationError(f"the grammar failed to load: {self._matcher.get_error()}")
+        self._grammar = grammar
+        self._matcher = self._new_matcher()
         self._consumed: list[int] = []
         self.mask_calls = 0
+
+    def _new_matcher(self) -> llguidance.LLMatcher:
+        matcher = llguidance.LLMatcher(self._tokenizer, self._grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarViolationError(f"the grammar failed to load: {_short(matcher)}")
+        return matcher
 
     def answer_ids(self, answer: str) -> list[int]:
         """The answer in this tokenizer's ids, byte for byte (no prefix space is added)."""
@@ -71,7 +76,7 @@ class AnswerMatcher:
         if not bool(mask.any()):
             raise GrammarViolationError(
                 f"no token may follow the answer {self._tokenizer.decode_str(ids)!r}: "
-                f"{self._matcher.get_error() or 'the grammar allows nothing here'}"
+                f"{_short(self._matcher) or 'the grammar allows nothing here'}"
             )
         return mask
 
@@ -88,10 +93,15 @@ class AnswerMatcher:
         del consumed[keep:]
         new = ids[keep:]
         if new and not self._matcher.consume_tokens(new):
-            error = self._matcher.get_error()
-            self._matcher.reset()
+            error = _short(self._matcher)
+            self._matcher = self._new_matcher()  # an error state is sticky: start afresh
             consumed.clear()
             raise GrammarViolationError(
                 f"the answer {self._tokenizer.decode_str(ids)!r} does not fit the grammar: {error}"
             )
         consumed.extend(new)
+
+
+def _short(matcher: llguidance.LLMatcher) -> str:
+    """llguidance's error without its parser-state dump."""
+    return (matcher.get_error() or "").split("\n<state>")[0].strip()

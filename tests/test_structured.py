@@ -1,0 +1,452 @@
+"""Grammar-constrained nudging: the output spec, both models' matchers, tools in the prompts and
+the LangChain side (bind_tools, with_structured_output), on tiny random-weight models."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from langchain_core.exceptions import OutputParserException
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from pydantic import BaseModel, Field
+from pydantic.v1 import BaseModel as BaseModelV1
+from typing_extensions import TypedDict
+
+from langchain_nudging import NudgedChatModel, NudgingConfig, NudgingPair
+from langchain_nudging.backends.grammar import GrammarViolationError
+from langchain_nudging.backends.local import LocalModel
+from langchain_nudging.chat_tools import ToolCallStream, output_spec, tool_choice_name
+from langchain_nudging.config import SamplingConfig
+from langchain_nudging.prompts import ChatMessage, render_prompts
+from langchain_nudging.structured import (
+    GrammarError,
+    IncompleteAnswerError,
+    OutputSpec,
+    ToolCall,
+    ToolSpec,
+    tighten,
+)
+
+# Bounded values only: random-weight models must finish the JSON within a small budget.
+SETTINGS = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "color": {"enum": ["red", "green", "blue"]},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["ok", "color", "n"],
+}
+ADD = ToolSpec(
+    "add",
+    "Add two integers.",
+    {
+        "type": "object",
+        "properties": {
+            "a": {"type": "integer", "minimum": 0, "maximum": 9},
+            "b": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["a", "b"],
+    },
+)
+PING = ToolSpec("ping", "Check the service.", {})
+ASK = [ChatMessage("user", "What is 2 + 3?")]
+
+
+def check_settings(value: Any) -> None:
+    assert set(value) == {"ok", "color", "n"}
+    assert isinstance(value["ok"], bool)
+    assert value["color"] in ("red", "green", "blue")
+    assert isinstance(value["n"], int)
+    assert 0 <= value["n"] <= 99
+
+
+# -- the output spec ----------------------------------------------------------------------------
+def test_unconstrained_spec_has_no_grammar_and_no_instructions() -> None:
+    spec = OutputSpec()
+    assert spec.grammar is None
+    assert spec.instructions() == ""
+    assert spec.parse("anything at all") is None
+    assert OutputSpec((ADD,), "none").grammar is None  # "none": text, tools not shown
+
+
+def test_bad_specs_raise_clear_errors_at_once() -> None:
+    with pytest.raises(GrammarError, match=r"cannot be compiled.*Invalid type: strin"):
+        OutputSpec(schema={"type": "object", "properties": {"a": {"type": "strin"}}})
+    with pytest.raises(GrammarError, match="tools' argument schemas"):
+        OutputSpec((ToolSpec("t", "", {"type": "object", "if": {}}),), "required")
+    with pytest.raises(ValueError, match=r"tool_choice='mul' is not a bound tool.*\['add'\]"):
+        OutputSpec((ADD,), "mul")
+    with pytest.raises(ValueError, match="tool_choice='add' but no tools are bound"):
+        OutputSpec((), "add")
+    with pytest.raises(ValueError, match="max_string_length must be >= 1"):
+        OutputSpec(json_object=True, max_string_length=0)
+
+
+def test_the_same_tool_twice_counts_once_and_a_name_clash_warns() -> None:
+    assert OutputSpec((ADD, ADD), "required").tools == (ADD,)
+    other = ToolSpec("add", "Something else.", {})
+    with pytest.warns(UserWarning, match="two different tools are named 'add'"):
+        spec = OutputSpec((ADD, other), "required")
+    assert spec.tools == (other,)
+
+
+def test_tighten_closes_listed_objects_and_caps_free_strings_only() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "free": {"type": "string"},
+            "short": {"type": "string", "maxLength": 3},
+            "choice": {"enum": ["a", "b"], "type": "string"},
+            "dated": {"type": "string", "format": "date"},
+            "maybe": {"type": ["string", "null"]},
+            "const": {"const": {"type": "string"}},
+            "any": {"type": "object"},
+        },
+    }
+    out = tighten(schema, 10)
+    props = out["properties"]
+    assert out["additionalProperties"] is False
+    assert props["free"]["maxLength"] == 10
+    assert props["short"]["maxLength"] == 3
+    assert "maxLength" not in props["choice"]
+    assert "maxLength" not in props["dated"]
+    assert props["maybe"]["maxLength"] == 10
+    assert props["const"] == {"const": {"type": "string"}}  # a value, not a schema
+    assert "additionalProperties" not in props["any"]  # a free-form object stays free
+    assert schema["properties"]["free"] == {"type": "string"}  # the caller's schema untouched
+
+
+def test_parse_tells_calls_text_and_incomplete_answers_apart() -> None:
+    auto = OutputSpec((ADD, PING), "auto")
+    assert auto.parse('{"name": "add", "arguments": {"a": 1, "b": 2}}') == ToolCall(
+        "add", {"a": 1, "b": 2}
+    )
+    assert auto.parse("Five.") is None
+    with pytest.raises(IncompleteAnswerError, match="before its tool call was complete"):
+        auto.parse('{"name": "add", "arguments": {"a": 1')
+    schema = OutputSpec(schema=SETTINGS)
+    assert schema.parse('{"ok": true, "color": "red", "n": 1}') is None  # an answer, not a call
+    with pytest.raises(IncompleteAnswerError, match="JSON answer"):
+        schema.parse('{"ok": tr')
+
+
+def test_instructions_name_the_tools_and_the_format() -> None:
+    text = OutputSpec((ADD, PING), "auto").instructions()
+    assert ADD.definition() in text
+    assert PING.definition() in text
+    assert '{"name": "<tool name>", "arguments": {<arguments>}}' in text
+    assert "Otherwise answer in words." in text
+    forced = OutputSpec((ADD, PING), "add").instructions()
+    assert PING.definition() not in forced  # only the callable tool is shown
+    assert "Answer by calling add" in forced
+    assert json.dumps(SETTINGS) in OutputSpec(schema=SETTINGS).instructions()
+    # JSON mode asks for JSON without showing the schema (the user's prompt describes it).
+    assert OutputSpec(schema=SETTINGS, json_object=True).instructions() == (
+        "Answer with a JSON object."
+    )
+
+
+# -- constrained generation on both models -----------------------------------------------------
+@pytest.fixture
+def pair(llama_a: Any, gemma_b: Any) -> NudgingPair:
+    return NudgingPair(llama_a, gemma_b)  # two different tokenizers
+
+
+@pytest.mark.parametrize("mode", ["nudged", "base", "nudging"])
+def test_a_schema_constrained_answer_parses_and_validates(pair: NudgingPair, mode: str) -> None:
+    generation = pair.generate(
+        ASK, NudgingConfig(max_tokens=200), mode=mode, output=OutputSpec(schema=SETTINGS)
+    )
+    list(generation)
+    assert generation.stats.finish_reason == "stop"
+    check_settings(json.loads(generation.text))
+    masks = generation.stats.grammar_masks
+    assert all(count > 0 for count in masks.values())
+
+
+def test_both_models_write_parts_of_one_constrained_answer(pair: NudgingPair) -> None:
+    """Text one model writes advances the other model's matcher: every segment, by either
+    model, continues valid JSON."""
+    spec = OutputSpec(schema={"type": "array", "items": SETTINGS, "minItems": 2, "maxItems": 2})
+    for gamma in (0.3, 0.5, 0.7):
+        generation = pair.generate(ASK, NudgingConfig(gamma=gamma, max_tokens=300), output=spec)
+        segments = list(generation)
+        assert generation.stats.finish_reason == "stop"
+        for value in json.loads(generation.text):
+            check_settings(value)
+        if {s.source for s in segments} == {"base", "nudge"}:
+            return
+    pytest.fail("no gamma gave segments from both models")
+
+
+def test_a_forced_tool_call_names_a_bound_tool_with_valid_arguments(pair: NudgingPair) -> None:
+    for choice in ("required", "add", "ping"):
+        spec = OutputSpec((ADD, PING), choice)
+        generation = pair.generate(ASK, NudgingConfig(max_tokens=200), output=spec)
+        list(generation)
+        call = spec.parse(generation.text)
+        assert call is not None, generation.text
+        assert call.name in (("add", "ping") if choice == "required" else (choice,))
+        if call.name == "add":
+            assert set(call.arguments) == {"a", "b"}
+            assert all(0 <= v <= 9 for v in call.arguments.values())
+        else:
+            assert call.arguments == {}
+
+
+def test_sampling_stays_inside_the_grammar(pair: NudgingPair) -> None:
+    sampling = SamplingConfig(temperature=1.5, seed=7)
+    config = NudgingConfig(max_tokens=200, base_sampling=sampling, nudging_sampling=sampling)
+    for _ in range(3):
+        generation = pair.generate(ASK, config, output=OutputSpec(schema=SETTINGS))
+        list(generation)
+        check_settings(json.loads(generation.text))
+
+
+def test_unconstrained_requests_compute_no_mask(pair: NudgingPair) -> None:
+    generation = pair.generate(ASK, NudgingConfig(max_tokens=24))
+    list(generation)
+    assert generation.stats.grammar_masks == {"base": 0, "nudging": 0}
+
+
+def test_confidence_is_the_raw_softmax_under_a_grammar(llama_a: Any) -> None:
+    model = LocalModel(llama_a)
+    spec = OutputSpec(schema=SETTINGS)
+    free = model.session("Question: hi\nAnswer: ", SamplingConfig())
+    held = model.session("Question: hi\nAnswer: ", SamplingConfig(), spec.grammar)
+    for answer in ("", '{"ok": ', '{"ok": true, "color": "'):
+        a, b = free.peek(answer), held.peek(answer)
+        assert (a.top1_prob, a.top2_prob) == (b.top1_prob, b.top2_prob)
+    assert held.peek("").text == "{"  # the grammar's only opening
+    free.close()
+    held.close()
+
+
+def test_an_answer_outside_the_grammar_is_a_clear_error(llama_a: Any) -> None:
+    session = LocalModel(llama_a).session(
+        "Q\nA: ", SamplingConfig(), OutputSpec(schema=SETTINGS).grammar
+    )
+    with pytest.raises(GrammarViolationError, match="does not fit the grammar"):
+        session.peek("not json")
+    assert session.peek('{"ok": ').text  # the session still serves valid answers
+    session.close()
+
+
+# -- tools in the prompts -----------------------------------------------------------------------
+HISTORY = [
+    ChatMessage("user", "What is 2 + 3?"),
+    ChatMessage("assistant", "", (ToolCall("add", {"a": 2, "b": 3}, "c1"),)),
+    ChatMessage("tool", "5", name="add", tool_call_id="c1"),
+]
+
+# A Qwen-like template that renders tools, tool calls and tool turns itself.
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTOOLS:{% for t in tools %} {{ t.function.name }}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{{ c.function.name }}"
+    "{{ c.function.arguments | tojson }}</call>{% endfor %}{% endif %}"
+    "{% if m.role != 'assistant' or not loop.last %}<|im_end|>\n{% endif %}{% endfor %}"
+)
+
+
+def test_base_transcript_shows_tools_calls_and_results(sp_tokenizer: Any) -> None:
+    spec = OutputSpec((ADD,), "auto")
+    prompts = render_prompts(HISTORY, sp_tokenizer, output=spec)
+    assert prompts.base == (
+        "You are a helpful assistant.\n\n"
+        + spec.instructions()
+        + "\nQuestion: What is 2 + 3?"
+        + '\nAnswer: {"name": "add", "arguments": {"a": 2, "b": 3}}'
+        + "\nResult: 5"
+        + "\nAnswer: "
+    )
+    assert "\nResult:" in prompts.stop
+    # Without tools, the tool marker is no stop string (answers may say "Result:").
+    assert "\nResult:" not in render_prompts(ASK, sp_tokenizer).stop
+
+
+def test_a_template_without_tools_gets_them_as_text(sp_tokenizer: Any) -> None:
+    prompts = render_prompts(HISTORY, sp_tokenizer, output=OutputSpec((ADD,), "auto"))
+    assert ADD.definition() in prompts.nudging
+    assert '<|im_start|>assistant\n{"name": "add", "arguments": {"a": 2, "b": 3}}' in (
+        prompts.nudging
+    )
+    assert "<|im_start|>user\nResult of add: 5<|im_end|>" in prompts.nudging
+    assert prompts.nudging.endswith("<|im_start|>assistant\n")
+
+
+def test_a_template_that_reads_tools_renders_them_itself(make_tokenizer: Any) -> None:
+    tokenizer = make_tokenizer("sp", chat_template=TOOLS_TEMPLATE)
+    spec = OutputSpec((ADD,), "auto")
+    prompts = render_prompts(HISTORY, tokenizer, output=spec)
+    assert "TOOLS: add" in prompts.nudging
+    assert ADD.definition() not in prompts.nudging  # listed by the template, not twice
+    assert "Otherwise answer in words." in prompts.nudging  # the format rules stay
+    assert '<call>add{"a": 2, "b": 3}</call>' in prompts.nudging
+    assert "<|im_start|>tool\n5<|im_end|>" in prompts.nudging
+
+
+# -- the LangChain side ---------------------------------------------------------------------------
+class Settings(BaseModel):
+    """Display settings."""
+
+    ok: bool
+    color: str = Field(json_schema_extra={"enum": ["red", "green", "blue"]})
+    n: int = Field(ge=0, le=99)
+
+
+class SettingsV1(BaseModelV1):
+    ok: bool
+    n: int
+
+
+class SettingsDict(TypedDict):
+    ok: bool
+    n: int
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers."""
+    return a + b
+
+
+@pytest.fixture
+def chat(llama_a: Any, gemma_b: Any) -> NudgedChatModel:
+    return NudgedChatModel(model=llama_a, nudging_model=gemma_b, max_tokens=200)
+
+
+def test_tool_choice_spellings() -> None:
+    assert tool_choice_name(None) == "auto"
+    assert tool_choice_name("any") == tool_choice_name(True) == "required"
+    assert tool_choice_name({"type": "function", "function": {"name": "add"}}) == "add"
+    assert tool_choice_name({"type": "tool", "name": "add"}) == "add"
+    with pytest.raises(ValueError, match="tool_choice=3"):
+        tool_choice_name(3)
+
+
+def test_bind_tools_refuses_bad_input_before_anything_runs(chat: NudgedChatModel) -> None:
+    with pytest.raises(ValueError, match=r"tool_choice='mul' is not a bound tool"):
+        chat.bind_tools([add], tool_choice="mul")
+    with pytest.raises(ValueError, match="no tools are bound"):
+        chat.bind_tools([], tool_choice="any")
+    with pytest.raises(GrammarError, match="Invalid type: strin"):
+        chat.bind_tools([{"name": "t", "parameters": {"type": "strin"}}])
+    with pytest.raises(ValueError, match=r"tools\[0\]: 42 cannot be used as a tool"):
+        chat.bind_tools([42])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="tool_choice='any' but no tools are bound"):
+        chat.invoke("hi", tool_choice="any")
+    with pytest.raises(ValueError, match="method='xml'"):
+        chat.with_structured_output(Settings, method="xml")  # type: ignore[arg-type]
+    assert chat.invoke("hi", max_tokens=4).content  # still usable
+
+
+def test_a_forced_call_comes_back_as_tool_calls_and_streams_as_chunks(
+    chat: NudgedChatModel,
+) -> None:
+    bound = chat.bind_tools([add], tool_choice="any")
+    message = bound.invoke("What is 2 + 3?")
+    assert isinstance(message, AIMessage)
+    assert message.content == ""
+    assert message.response_metadata["finish_reason"] == "tool_calls"
+    (call,) = message.tool_calls
+    assert call["name"] == "add"
+    assert set(call["args"]) == {"a", "b"}
+    assert call["id"].startswith("call_")
+    chunks = list(bound.stream("What is 2 + 3?"))
+    assert sum(bool(c.tool_call_chunks) for c in chunks) >= 2  # name first, then arguments
+    assert chunks[0].tool_call_chunks == [] or chunks[0].tool_call_chunks[0]["name"] == "add"
+    full = chunks[0]
+    for chunk in chunks[1:]:
+        full += chunk
+    assert isinstance(full, AIMessageChunk)
+    assert [(c["name"], c["args"]) for c in full.tool_calls] == [(call["name"], call["args"])]
+
+
+def test_tool_history_and_auto_choice_run(chat: NudgedChatModel) -> None:
+    history = [
+        HumanMessage("What is 2 + 3?"),
+        AIMessage("", tool_calls=[{"name": "add", "args": {"a": 2, "b": 3}, "id": "c1"}]),
+        ToolMessage("5", tool_call_id="c1"),
+    ]
+    message = chat.bind_tools([add]).invoke(history)
+    assert isinstance(message, AIMessage)
+    assert message.content or message.tool_calls
+    if message.tool_calls:
+        assert message.tool_calls[0]["name"] == "add"
+
+
+@pytest.mark.parametrize("method", ["json_schema", "function_calling", "json_mode"])
+@pytest.mark.parametrize(
+    "schema", [Settings, SettingsV1, SettingsDict, Settings.model_json_schema()]
+)
+def test_structured_output_every_method_and_schema_kind(
+    chat: NudgedChatModel, method: str, schema: Any
+) -> None:
+    result = chat.with_structured_output(schema, method=method).invoke("Settings?")
+    if isinstance(schema, type) and schema is not SettingsDict:
+        assert isinstance(result, schema)
+        value = result.dict() if schema is SettingsV1 else result.model_dump()
+    else:
+        assert isinstance(result, dict)
+        value = result
+    assert isinstance(value["ok"], bool)
+    assert isinstance(value["n"], int)
+
+
+def test_include_raw_reports_a_parsing_error_instead_of_raising(llama_a: Any, gemma_b: Any) -> None:
+    # A budget of 3 tokens cannot hold the JSON: the model raises a clear error, which
+    # include_raw=True would capture; without it, the error reaches the caller.
+    short = NudgedChatModel(model=llama_a, nudging_model=gemma_b, max_tokens=3)
+    with pytest.raises(IncompleteAnswerError, match="raise max_tokens"):
+        short.with_structured_output(Settings).invoke("Settings?")
+    ok = NudgedChatModel(model=llama_a, nudging_model=gemma_b, max_tokens=200)
+    out = ok.with_structured_output(Settings, include_raw=True).invoke("Settings?")
+    assert set(out) == {"raw", "parsed", "parsing_error"}
+    assert isinstance(out["raw"], AIMessage)
+    assert isinstance(out["parsed"], Settings)
+    assert out["parsing_error"] is None
+
+
+def test_a_parsed_value_that_fails_validation_is_an_output_parser_error(
+    chat: NudgedChatModel,
+) -> None:
+    class Strict(BaseModel):
+        n: int
+
+        def model_post_init(self, _: Any) -> None:
+            raise ValueError("never valid")
+
+    with pytest.raises(OutputParserException, match="does not validate as Strict"):
+        chat.with_structured_output(Strict).invoke("n?")
+
+
+def test_tool_call_stream_holds_the_closing_brace_until_the_end() -> None:
+    stream = ToolCallStream(output_spec([add_tool()], "any", None, None))
+    pieces = ['{"name": "ad', 'd", "arguments": {"a"', ": 1, ", '"b": 2}', "}"]
+    out = [stream.add(p) for p in pieces]
+    assert all(content == "" for content, _ in out)
+    args = "".join(c["args"] or "" for _, chunks in out for c in chunks)
+    rest = stream.finish()[1]
+    args += "".join(c["args"] or "" for c in rest)
+    assert args == '{"a": 1, "b": 2}'
+    assert out[1][1][0]["name"] == "add"  # the name as soon as it is complete
+    text = ToolCallStream(output_spec([add_tool()], "auto", None, None))
+    assert text.add("Five") == ("Five", [])
+    assert text.add(" it is.") == (" it is.", [])
+    assert text.finish() == ("", [])
+    cut = ToolCallStream(output_spec([add_tool()], "any", None, None))
+    cut.add('{"name": "add", "arguments": {"a": 1')
+    with pytest.raises(IncompleteAnswerError):
+        cut.finish()
+
+
+def add_tool() -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {"name": "add", "description": "", "parameters": ADD.parameters},
+    }
