@@ -450,6 +450,11 @@ class NudgedChatModel(BaseChatModel):
     """Longest JSON string (in characters) in a tool call or structured answer whose schema
     sets no length of its own: small models can loop inside a string until ``max_tokens``
     ends the answer mid-JSON; the grammar closes the string instead. ``None``: no cap."""
+    tool_call_threshold: Gamma | None = None
+    """With ``tool_choice="auto"``: ``None`` lets the models' first tokens choose between a
+    tool call and another answer. A number in [0, 1] decides up front: the answer is a call when
+    the nudging model's probability of starting one is at least this. Small models rarely put
+    much probability on a call even when one fits (docs/tools.md has measured values)."""
 
     # -- LangChain -------------------------------------------------------------------------
     streaming: bool = False
@@ -641,6 +646,15 @@ class NudgedChatModel(BaseChatModel):
             structured_output=True,
         )
 
+    def _output_spec(self, tools: Any, tool_choice: Any, response_format: Any) -> OutputSpec:
+        return output_spec(
+            tools,
+            tool_choice,
+            response_format,
+            max_string_length=self.max_json_string_length,
+            call_threshold=self.tool_call_threshold,
+        )
+
     def bind_tools(
         self,
         tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
@@ -664,7 +678,7 @@ class NudgedChatModel(BaseChatModel):
         Bad tools, choices or schemas raise ``ValueError`` here, before anything runs.
         """
         formatted = format_tools(tools, strict=strict)
-        output_spec(formatted, tool_choice, response_format, self.max_json_string_length)
+        self._output_spec(formatted, tool_choice, response_format)
         options = {
             "tool_choice": tool_choice,
             "response_format": response_format,
@@ -708,7 +722,7 @@ class NudgedChatModel(BaseChatModel):
             if method == "json_mode":
                 # JSON mode with a schema: the schema constrains, the prompt is the user's.
                 response_format = {"type": "json_object", "schema": json_schema}
-                output_spec(None, None, response_format, self.max_json_string_length)
+                self._output_spec(None, None, response_format)
                 bound = self.bind(
                     response_format=response_format, ls_structured_output_format=trace
                 )
@@ -717,7 +731,7 @@ class NudgedChatModel(BaseChatModel):
                     "type": "json_schema",
                     "json_schema": {"name": schema_name(schema), "schema": json_schema},
                 }
-                output_spec(None, None, response_format, self.max_json_string_length)
+                self._output_spec(None, None, response_format)
                 bound = self.bind(
                     response_format=response_format, ls_structured_output_format=trace
                 )
@@ -747,12 +761,7 @@ class NudgedChatModel(BaseChatModel):
         if stop is not None and any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop={stop!r}: stop strings must be non-empty strings")
         chat = to_chat_messages(messages)
-        output = output_spec(
-            options.tools,
-            options.tool_choice,
-            options.response_format,
-            self.max_json_string_length,
-        )
+        output = self._output_spec(options.tools, options.tool_choice, options.response_format)
         return _Request(
             messages=chat,
             config=self.nudging_config(stop, **given),

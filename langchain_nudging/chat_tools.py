@@ -102,7 +102,8 @@ def output_spec(
     tools: Sequence[dict[str, Any]] | None,
     tool_choice: Any,
     response_format: Any,
-    max_string_length: int | None,
+    max_string_length: int | None = None,
+    call_threshold: float | None = None,
 ) -> OutputSpec:
     """Everything a call says about its output, validated; the grammar is compiled here."""
     specs = tuple(
@@ -124,6 +125,7 @@ def output_spec(
         schema=schema,
         json_object=json_mode,
         max_string_length=max_string_length,
+        call_threshold=call_threshold,
     )
 
 

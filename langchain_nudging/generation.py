@@ -37,6 +37,7 @@ class GenerationStats:
     tokens_processed: dict[str, int] = field(default_factory=dict)
     choices_reused: dict[str, int] = field(default_factory=dict)
     grammar_masks: dict[str, int] = field(default_factory=dict)
+    call_probability: float | None = None  # what call_threshold was compared with
     prompt_tokens: int = 0
     time_to_first_segment: float | None = None
     wall_time: float = 0.0
@@ -51,6 +52,14 @@ class GenerationStats:
 
 
 _NEVER = 1 << 30
+
+
+def _rules_for(output: OutputSpec, config: NudgingConfig) -> NudgingConfig:
+    """A repetition stop would end a JSON-only answer inside its JSON; loops inside strings
+    are bounded by the grammar (max_string_length) and the budget instead."""
+    if not output.json_only:
+        return config
+    return config.model_copy(update={"min_repeat_chars": _NEVER, "max_same_nudges": _NEVER})
 
 
 class Generation:
@@ -73,12 +82,9 @@ class Generation:
         prompts = render_prompts(
             messages, pair.nudging.text.tokenizer, base_format or pair.base_format, self.output
         )
-        update: dict[str, object] = {"stop": (*config.stop, *prompts.stop)}
-        if self.output.json_only:
-            # A repetition stop would end the answer inside its JSON; loops inside strings are
-            # bounded by the grammar (max_string_length) and the budget instead.
-            update |= {"min_repeat_chars": _NEVER, "max_same_nudges": _NEVER}
-        self.config = config.model_copy(update=update)
+        self.config = _rules_for(
+            self.output, config.model_copy(update={"stop": (*config.stop, *prompts.stop)})
+        )
         self.prompts = prompts
         self._pair = pair
         self.segments: list[Segment] = []
@@ -104,14 +110,16 @@ class Generation:
         sessions: dict[str, LocalSession] = {}
         run: NudgingRun | SoloRun | None = None
         try:
+            deciding = self.output.decides_call
+            grammar = None if deciding else self.grammar
             if self.mode != "nudging":
-                sessions["base"] = pair.base.session(
-                    prompts.base, config.base_sampling, self.grammar
-                )
+                sessions["base"] = pair.base.session(prompts.base, config.base_sampling, grammar)
             if self.mode != "base":
                 sessions["nudging"] = pair.nudging.session(
-                    prompts.nudging, config.nudging_sampling, self.grammar
+                    prompts.nudging, config.nudging_sampling, grammar
                 )
+            if deciding:
+                config = self.config = _rules_for(self._decide_call(sessions), config)
             if self.mode == "nudged":
                 run = NudgingRun(sessions["base"], sessions["nudging"], config)
             elif self.mode == "base":
@@ -135,6 +143,19 @@ class Generation:
             stats.wall_time = time.perf_counter() - start
             for session in sessions.values():
                 session.close()
+
+    def _decide_call(self, sessions: dict[str, LocalSession]) -> OutputSpec:
+        """``call_threshold``: the nudging model (the base model alone in "base" mode) says
+        whether this answer is a tool call; every session is then constrained accordingly."""
+        decider = sessions.get("nudging") or sessions["base"]
+        spec = self.output
+        mass = decider.allowed_mass("", spec.call_grammar)
+        assert spec.call_threshold is not None
+        self.stats.call_probability = mass
+        decided = spec.decided(call=mass >= spec.call_threshold)
+        for session in sessions.values():
+            session.constrain(decided.grammar)
+        return decided
 
     def _count(self, segment: Segment) -> None:
         # Each segment is charged the tokens it adds to the whole answer, so the two counts add

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -97,6 +97,9 @@ class OutputSpec:
     prompts only ask for JSON: describe the fields in the prompt). ``max_string_length`` caps
     every JSON string whose schema sets no length, enum, const or pattern: small models can
     loop inside a string until the budget ends, and the cap closes the string instead.
+    ``call_threshold`` (``"auto"`` only): before the answer starts, the deciding model's
+    probability of starting a tool call is measured; at or above the threshold the answer is a
+    call, below it a non-call answer. ``None`` leaves the choice to the models' first tokens.
     """
 
     tools: tuple[ToolSpec, ...] = ()
@@ -104,6 +107,7 @@ class OutputSpec:
     schema: dict[str, Any] | None = None
     json_object: bool = False
     max_string_length: int | None = None
+    call_threshold: float | None = None
 
     def __post_init__(self) -> None:
         # One tool per name: the same tool given twice counts once; of two different tools
@@ -130,6 +134,8 @@ class OutputSpec:
                 )
         elif self.tool_choice == "required" and not self.tools:
             raise ValueError("tool_choice='required' but no tools are bound")
+        if self.call_threshold is not None and not 0.0 <= self.call_threshold <= 1.0:
+            raise ValueError(f"call_threshold must be in [0, 1], got {self.call_threshold}")
         if self.max_string_length is not None and self.max_string_length < 1:
             raise ValueError(f"max_string_length must be >= 1, got {self.max_string_length}")
         _ = self.grammar  # compiled here: a schema the library cannot take fails at once
@@ -150,6 +156,20 @@ class OutputSpec:
     @property
     def must_call(self) -> bool:
         return bool(self.callable_tools) and self.tool_choice != "auto"
+
+    @property
+    def decides_call(self) -> bool:
+        """Whether the call/no-call choice is made by :attr:`call_threshold` up front."""
+        return self.call_threshold is not None and self.tool_choice == "auto" and bool(self.tools)
+
+    def decided(self, call: bool) -> OutputSpec:
+        """This spec once the choice is made: a call of any tool, or no call."""
+        return replace(self, tool_choice="required" if call else "none", call_threshold=None)
+
+    @property
+    def call_grammar(self) -> str:
+        """The grammar of a call alone (what :attr:`call_threshold` measures)."""
+        return replace(self, tool_choice="required", call_threshold=None).grammar or ""
 
     @property
     def json_only(self) -> bool:

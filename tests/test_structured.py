@@ -450,3 +450,32 @@ def add_tool() -> dict[str, Any]:
         "type": "function",
         "function": {"name": "add", "description": "", "parameters": ADD.parameters},
     }
+
+
+@pytest.mark.parametrize(("threshold", "calls"), [(0.0, True), (1.0, False)])
+def test_call_threshold_decides_between_a_call_and_text_up_front(
+    pair: NudgingPair, threshold: float, calls: bool
+) -> None:
+    spec = OutputSpec((ADD, PING), "auto", call_threshold=threshold)
+    generation = pair.generate(ASK, NudgingConfig(max_tokens=200), output=spec)
+    list(generation)
+    probability = generation.stats.call_probability
+    assert probability is not None
+    assert 0.0 < probability < 1.0
+    call = spec.parse(generation.text)
+    assert (call is not None) is calls, generation.text
+    if not calls:
+        assert not generation.text.lstrip().startswith("{")
+
+
+def test_call_threshold_in_the_chat_model(llama_a: Any, gemma_b: Any) -> None:
+    eager = NudgedChatModel(
+        model=llama_a, nudging_model=gemma_b, max_tokens=200, tool_call_threshold=0.0
+    )
+    message = eager.bind_tools([add]).invoke("What is 2 + 3?")
+    assert isinstance(message, AIMessage)
+    assert [c["name"] for c in message.tool_calls] == ["add"]
+    stats = message.response_metadata["nudging_stats"]
+    assert 0.0 < stats["call_probability"] < 1.0
+    with pytest.raises(ValueError, match="tool_call_threshold"):
+        NudgedChatModel(tool_call_threshold=1.5)

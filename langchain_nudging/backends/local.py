@@ -199,6 +199,22 @@ class LocalSession:
     def truncate_tokens(self, text: str, max_tokens: int) -> str:
         return self._text.truncate(text, max_tokens)
 
+    def allowed_mass(self, answer: str, grammar: str) -> float:
+        """Probability (raw softmax) that the next token after ``answer`` is one ``grammar``
+        allows: how likely this model is to start writing what the grammar describes."""
+        if self._cache is None:
+            raise RuntimeError("session is closed")
+        ids = self._text.encode(self._prompt + answer)
+        row = self._logits_after(ids, [len(ids)])[0].float()
+        matcher = self._owner.grammar.matcher(grammar)
+        allowed = matcher.allowed(matcher.answer_ids(answer)).to(row.device)
+        return float(torch.softmax(row, dim=-1)[allowed].sum())
+
+    def constrain(self, grammar: str | None) -> None:
+        """Constrain every choice from now on by ``grammar`` (choices made before are dropped)."""
+        self._matcher = self._owner.grammar.matcher(grammar) if grammar else None
+        self._choices = ChoiceTree()
+
     @property
     def grammar_masks(self) -> int:
         """Grammar masks computed so far (0 for an unconstrained request)."""
@@ -239,14 +255,7 @@ class LocalSession:
             self.choices_reused += len(known)
         if not missing:
             return known
-        # Read from where the cache and ids fork, and at least from the first position whose
-        # logits are needed (its key and value may be cached; every choice a pass made is in
-        # the tree, so missing ones were never computed).
-        start = min(common_prefix_length(self._ids, ids), missing[0] - 1)
-        if start < len(self._ids):
-            self._cache.crop(start - len(self._ids))
-            del self._ids[start:]
-        rows = self._forward(ids[start:], [n - 1 - start for n in missing])
+        rows = self._logits_after(ids, missing)
         matcher = self._matcher
         new = {
             n: self._chooser.choose(
@@ -256,6 +265,19 @@ class LocalSession:
         }
         self._choices.add(ids, new)
         return known | new
+
+    def _logits_after(self, ids: list[int], lengths: list[int]) -> torch.Tensor:
+        """Logits after ``ids[:n]`` for each ``n`` in ``lengths`` (sorted), reusing the cache.
+
+        The pass reads from where the cache and ids fork, and at least from the first position
+        whose logits are needed (its key and value may be cached).
+        """
+        assert self._cache is not None
+        start = min(common_prefix_length(self._ids, ids), lengths[0] - 1)
+        if start < len(self._ids):
+            self._cache.crop(start - len(self._ids))
+            del self._ids[start:]
+        return self._forward(ids[start:], [n - 1 - start for n in lengths])
 
     @torch.inference_mode()
     def _forward(self, new_ids: list[int], positions: list[int]) -> torch.Tensor:
