@@ -26,8 +26,8 @@ import llguidance
 #: spend its whole budget on whitespace), and ", " / ": " so that there are word boundaries
 #: where the base model can take a turn.
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-#: Free text in "auto" mode: anything that does not start with "{" (which starts a tool call)
-#: or with whitespace.
+#: A text answer when tools are bound: anything that does not start with "{" (which starts a
+#: tool call) or with whitespace.
 FREE_TEXT = r"/[^{\s][\s\S]*/"
 
 
@@ -151,7 +151,10 @@ class OutputSpec:
 
     @property
     def constrained(self) -> bool:
-        return bool(self.callable_tools) or self.schema is not None or self.json_object
+        """Whether a grammar applies: tools are bound, or the answer is JSON. With tools
+        bound and ``tool_choice="none"``, a text answer may not start with ``{`` (a small
+        model would otherwise write a call as text)."""
+        return bool(self.tools) or self.schema is not None or self.json_object
 
     @property
     def must_call(self) -> bool:

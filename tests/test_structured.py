@@ -69,7 +69,10 @@ def test_unconstrained_spec_has_no_grammar_and_no_instructions() -> None:
     assert spec.grammar is None
     assert spec.instructions() == ""
     assert spec.parse("anything at all") is None
-    assert OutputSpec((ADD,), "none").grammar is None  # "none": text, tools not shown
+    none = OutputSpec((ADD,), "none")  # text that cannot pass for a call; tools not shown
+    assert "{" not in none.instructions()
+    assert none.grammar is not None
+    assert none.parse('Five, {"name": "add"}') is None
 
 
 def test_bad_specs_raise_clear_errors_at_once() -> None:
