@@ -569,6 +569,8 @@ class NudgedChatModel(BaseChatModel):
                 self.nudging_sampling.model_dump() if self.nudging_sampling else None
             ),
             "stop": self.stop,
+            "max_json_string_length": self.max_json_string_length,
+            "tool_call_threshold": self.tool_call_threshold,
             "base_prompt_format": self._base_format.model_dump(),
             "dtype": str(self.dtype),
             "device": self.device,
