@@ -39,9 +39,7 @@ QUESTION = "What is the weather in Paris?"
 @pytest.fixture
 def llm(pair: NudgingPair) -> NudgedChatModel:
     CITIES.clear()
-    return NudgedChatModel(
-        max_tokens=64, max_json_string_length=32, dtype="float32", device="cpu"
-    )
+    return NudgedChatModel(max_tokens=64, max_json_string_length=32, dtype="float32", device="cpu")
 
 
 def choice_for(messages: list[BaseMessage]) -> str:
@@ -70,7 +68,7 @@ def check_loop(messages: list[BaseMessage], streamed: list[AIMessageChunk]) -> A
     assert call["name"] == "get_weather"
     assert isinstance(call["args"]["location"], str)
     assert call["args"]["location"].strip()
-    assert CITIES == [call["args"]["location"]]  # the tool ran, with the model's arguments
+    assert [call["args"]["location"]] == CITIES  # the tool ran, with the model's arguments
     assert len(results) == 1
     assert results[0].tool_call_id == call["id"]
     assert "sunny" in results[0].content
