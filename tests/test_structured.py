@@ -482,3 +482,32 @@ def test_call_threshold_in_the_chat_model(llama_a: Any, gemma_b: Any) -> None:
     assert 0.0 < stats["call_probability"] < 1.0
     with pytest.raises(ValueError, match="tool_call_threshold"):
         NudgedChatModel(tool_call_threshold=1.5)
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers."""
+    return a * b
+
+
+class Lookup(BaseModel):
+    """Look a word up."""
+
+    word: str = Field(max_length=12)
+
+
+def test_functions_pydantic_classes_and_schemas_bind_as_tools(chat: NudgedChatModel) -> None:
+    schema = {
+        "name": "ping",
+        "description": "Check the service.",
+        "parameters": {"type": "object", "properties": {}},
+    }
+    bound = chat.bind_tools([multiply, Lookup, schema, add], tool_choice="any", strict=True)
+    names = [t["function"]["name"] for t in bound.kwargs["tools"]]  # type: ignore[attr-defined]
+    assert names == ["multiply", "Lookup", "ping", "add"]
+    message = bound.invoke("Multiply 2 by 3.")
+    (call,) = message.tool_calls
+    assert call["name"] in names
+    for forced, keys in (("multiply", {"a", "b"}), ("Lookup", {"word"}), ("ping", set())):
+        forced_call = chat.bind_tools([multiply, Lookup, schema], tool_choice=forced).invoke("Go.")
+        assert forced_call.tool_calls[0]["name"] == forced
+        assert set(forced_call.tool_calls[0]["args"]) == keys

@@ -4,7 +4,8 @@ A session keeps the ids whose keys and values sit in its cache. Asking about new
 re-tokenizes ``prompt + answer``, keeps the longest common id prefix, crops the cache there and
 runs the model over the remaining ids only, asking for logits only where a choice is needed:
 the last position, or every word boundary of a draft being verified. Every choice made is
-remembered: the model never runs twice to choose after the same ids.
+remembered: the model never runs twice to choose after the same ids. A constrained request's
+session also holds a grammar matcher (grammar.py) that masks each choice.
 """
 
 from __future__ import annotations
