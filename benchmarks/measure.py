@@ -208,7 +208,7 @@ def engine(
     """The nudged answer through the cached sessions, as the engine's worker runs it."""
     opened = pair.base.session
     if one_by_one:
-        pair.base.session = lambda prompt, sampling: OneByOne(opened(prompt, sampling))  # type: ignore[method-assign]
+        pair.base.session = lambda *args: OneByOne(opened(*args))  # type: ignore[method-assign]
     try:
         generation = pair.generate(messages, config)
         for _ in generation:
