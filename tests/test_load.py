@@ -27,7 +27,7 @@ QUESTIONS = [
 EXPLODE = "<<explode>>"  # a stop string whose check throws, for the requests meant to fail
 
 
-class StopCheckExploded(RuntimeError):
+class StopCheckError(RuntimeError):
     pass
 
 
@@ -62,7 +62,7 @@ def exploding_stop_check(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def checked(self: AnswerWriter, segment: Any) -> Any:
         if EXPLODE in self._config.stop and len(self.answer) > 8:
-            raise StopCheckExploded("the stop string check threw")
+            raise StopCheckError("the stop string check threw")
         return append(self, segment)
 
     monkeypatch.setattr(AnswerWriter, "append", checked)
@@ -109,7 +109,7 @@ async def test_32_streams_with_cancellations_and_failures(
         elif plan == "cancel":
             assert isinstance(result, asyncio.CancelledError)
         elif plan == "engine error":
-            assert isinstance(result, StopCheckExploded)
+            assert isinstance(result, StopCheckError)
         else:
             assert isinstance(result, RuntimeError)
             assert "callback failed" in str(result)
