@@ -820,7 +820,9 @@ class NudgedChatModel(BaseChatModel):
         # on_llm_new_token is fired by BaseChatModel.stream/_generate_with_cache for each
         # chunk this yields; _generate fires it when LangChain calls that instead.
         request = self._request(messages, stop, kwargs)
-        answer, handle = self._submit(request, self._models(request.base))
+        pair = self._models(request.base)
+        shared_engine(*pair).pair.prepare(request.output)
+        answer, handle = self._submit(request, pair)
         timer = None
         if request.timeout is not None:
             timer = threading.Timer(request.timeout, _expire, (answer, handle))
@@ -845,7 +847,11 @@ class NudgedChatModel(BaseChatModel):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         request = self._request(messages, stop, kwargs)
-        answer, handle = self._submit(request, await self._amodels(request.base))
+        pair = await self._amodels(request.base)
+        loaded = shared_engine(*pair).pair
+        if not loaded.prepared(request.output):  # a first constrained request: seconds of work
+            await asyncio.to_thread(loaded.prepare, request.output)
+        answer, handle = self._submit(request, pair)
         timer = None
         if request.timeout is not None:
             loop = asyncio.get_running_loop()

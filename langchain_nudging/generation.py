@@ -216,6 +216,20 @@ class NudgingPair:
         """
         return Generation(self, messages, config or NudgingConfig(), mode, base_format, output)
 
+    def prepare(self, output: OutputSpec | None) -> None:
+        """Build now what requests with ``output`` need, so that it is not built on the
+        engine's worker (llguidance's view of each tokenizer: about 5 s for a 262k vocabulary,
+        once per process)."""
+        if output is not None and output.constrained:
+            for model in (self.base, self.nudging):
+                model.grammar.build()
+
+    def prepared(self, output: OutputSpec | None) -> bool:
+        """Whether requests with ``output`` need nothing more built (see :meth:`prepare`)."""
+        if output is None or not output.constrained:
+            return True
+        return self.base.grammar.built and self.nudging.grammar.built
+
     @property
     def live_sessions(self) -> int:
         return self.base.live_sessions + self.nudging.live_sessions

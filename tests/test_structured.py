@@ -511,3 +511,19 @@ def test_functions_pydantic_classes_and_schemas_bind_as_tools(chat: NudgedChatMo
         forced_call = chat.bind_tools([multiply, Lookup, schema], tool_choice=forced).invoke("Go.")
         assert forced_call.tool_calls[0]["name"] == forced
         assert set(forced_call.tool_calls[0]["args"]) == keys
+
+
+def test_prepare_builds_the_grammar_tokenizers_off_the_worker(
+    make_tokenizer: Any, llama_a: Any
+) -> None:
+    from conftest import build_gemma
+
+    pair = NudgingPair(llama_a, build_gemma(make_tokenizer("sp")))  # a fresh nudging model
+    spec = OutputSpec(schema=SETTINGS)
+    assert pair.prepared(None)
+    assert pair.prepared(OutputSpec())
+    assert not pair.nudging.grammar.built
+    assert not pair.prepared(spec)
+    pair.prepare(spec)
+    assert pair.prepared(spec)
+    assert pair.nudging.grammar.built

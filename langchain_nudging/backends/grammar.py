@@ -10,6 +10,7 @@ too. Requests without a grammar create no matcher and pay nothing.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import llguidance
 import llguidance.hf
@@ -22,7 +23,19 @@ class GrammarViolationError(RuntimeError):
 
 
 class GrammarTokenizer:
-    """A model's tokenizer as llguidance sees it, built on first use (about 1-5 s) and kept."""
+    """A model's tokenizer as llguidance sees it, built on first use (about 1-5 s) and kept.
+
+    :meth:`of` gives one per tokenizer object, shared by every pair that uses the tokenizer.
+    """
+
+    @classmethod
+    def of(cls, tokenizer: object, logits_width: int, eos_ids: list[int]) -> GrammarTokenizer:
+        with _SHARED_LOCK:
+            key = (logits_width, tuple(eos_ids))
+            shared = _SHARED.setdefault(tokenizer, {})
+            if key not in shared:
+                shared[key] = cls(tokenizer, logits_width, eos_ids)
+            return shared[key]
 
     def __init__(self, tokenizer: object, logits_width: int, eos_ids: list[int]) -> None:
         self._tokenizer = tokenizer
@@ -32,7 +45,11 @@ class GrammarTokenizer:
         self._lock = threading.Lock()
 
     @property
-    def tokenizer(self) -> llguidance.LLTokenizer:
+    def built(self) -> bool:
+        return self._built is not None
+
+    def build(self) -> llguidance.LLTokenizer:
+        """The llguidance tokenizer, built on the first call (thread-safe)."""
         with self._lock:
             if self._built is None:
                 self._built = llguidance.hf.from_tokenizer(
@@ -40,8 +57,17 @@ class GrammarTokenizer:
                 )
             return self._built
 
+    @property
+    def tokenizer(self) -> llguidance.LLTokenizer:
+        return self._built if self._built is not None else self.build()
+
     def matcher(self, grammar: str) -> AnswerMatcher:
         return AnswerMatcher(self, grammar)
+
+
+_SHARED: weakref.WeakKeyDictionary[object, dict[tuple[int, tuple[int, ...]], GrammarTokenizer]]
+_SHARED = weakref.WeakKeyDictionary()
+_SHARED_LOCK = threading.Lock()
 
 
 class AnswerMatcher:

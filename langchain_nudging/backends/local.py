@@ -56,7 +56,7 @@ class LocalModel:
         self.live_sessions = 0
         head = self.model.get_output_embeddings()
         width = head.weight.shape[0] if head is not None else len(loaded.tokenizer)
-        self.grammar = GrammarTokenizer(loaded.tokenizer, width, self.text.eos_ids)
+        self.grammar = GrammarTokenizer.of(loaded.tokenizer, width, self.text.eos_ids)
         # transformers 5.x renamed the forward argument `past_key_values` to `cache`.
         parameters = inspect.signature(self.model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
