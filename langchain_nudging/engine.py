@@ -1,10 +1,12 @@
-"""The engine: one worker thread owns a loaded pair and serves many requests.
+"""The engine: a loaded pair serving many requests, their forward passes batched.
 
 Callers (threads or asyncio tasks) ``submit`` a conversation and read events from the returned
 :class:`RequestHandle`: segments as they are decided, then one :class:`Finished` (or an
-:class:`Failed`). The worker advances every active request one step (one segment) at a time in
-turn, so a long answer never holds up a short one, and no forward pass ever runs on a caller's
-event loop. Cancelling a request ends it at its next step and frees its sessions.
+:class:`Failed`). Each request runs the nudging algorithm in a thread of its own; its forward
+passes wait for the engine's worker thread, which runs the passes of one model that are waiting
+together as one batched call (docs/concurrency.md). So a long answer never holds up a short one,
+concurrent requests share each model step, and no forward pass ever runs on a caller's event
+loop. Cancelling a request ends it at its next step and frees its sessions.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import asyncio
 import atexit
 import contextlib
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
 
+import torch
+
 from .algorithm import Mode, Segment
+from .backends.local import LocalModel, Step, forward_together, serve_passes_through
 from .config import NudgingConfig
 from .generation import Generation, GenerationStats, NudgingPair
 from .models import LoadedModel
@@ -27,6 +33,8 @@ from .prompts import BasePromptFormat, ChatMessage
 from .structured import OutputSpec
 
 DEFAULT_MAX_REQUESTS = 64
+DEFAULT_MAX_BATCH = 16
+DEFAULT_MAX_WAIT = 0.02  # seconds a due batch waits for requests still between passes
 
 
 class EngineBusyError(RuntimeError):
@@ -154,49 +162,88 @@ class RequestHandle:
 
 
 class _Job:
+    """One request, served by a thread of its own; its forward passes go through the engine."""
+
     def __init__(self, handle: RequestHandle) -> None:
         self.handle = handle
         self.steps = iter(handle.generation)
 
-    def step(self) -> bool:
-        """Advance one segment; returns whether the job is still active."""
+    def run(self) -> None:
+        """Produce every segment, then the end event; stop at the first step after a cancel."""
         handle = self.handle
-        if handle.cancelled:
-            self.close()
-            handle.generation.stats.finish_reason = "cancelled"
-            handle._push(Finished(handle.generation.text, handle.generation.stats))
-            return False
-        try:
-            segment = next(self.steps)
-        except StopIteration:
-            handle._push(Finished(handle.generation.text, handle.generation.stats))
-            return False
-        except Exception as error:  # one request's failure is that request's alone
-            self.close()
-            handle._push(Failed(error))
-            return False
-        handle._push(SegmentEvent(segment))
-        return True
+        generation = handle.generation
+        while True:
+            if handle.cancelled:
+                self.close()
+                generation.stats.finish_reason = "cancelled"
+                handle._push(Finished(generation.text, generation.stats))
+                return
+            try:
+                segment = next(self.steps)
+            except StopIteration:
+                handle._push(Finished(generation.text, generation.stats))
+                return
+            except Exception as error:  # one request's failure is that request's alone
+                self.close()
+                handle._push(Failed(error))
+                return
+            handle._push(SegmentEvent(segment))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.steps.close()  # type: ignore[attr-defined]
 
 
-class NudgingEngine:
-    """A resident pair served by one worker thread."""
+@dataclass
+class _Pass:
+    """A forward pass a request's thread waits for."""
 
-    def __init__(self, pair: NudgingPair, max_requests: int = DEFAULT_MAX_REQUESTS) -> None:
+    model: LocalModel
+    step: Step
+    rows: torch.Tensor | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+class NudgingEngine:
+    """A resident pair serving many requests, their forward passes batched.
+
+    Each request runs in a thread of its own; the worker thread runs the forward passes.
+    Passes of one model that are waiting at the same time run as one batched call (up to
+    ``max_batch``): the worker starts a batch once every running request is waiting for a
+    pass, or ``max_wait`` seconds after the first one asked. Passes wait in arrival order, so
+    no request starves; requests join and leave between passes.
+    """
+
+    def __init__(
+        self,
+        pair: NudgingPair,
+        max_requests: int = DEFAULT_MAX_REQUESTS,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_wait: float = DEFAULT_MAX_WAIT,
+    ) -> None:
         if max_requests < 1:
             raise ValueError(f"max_requests must be >= 1, got {max_requests}")
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_wait < 0:
+            raise ValueError(f"max_wait must be >= 0 seconds, got {max_wait}")
         self.pair = pair
         self.max_requests = max_requests
+        self.max_batch = max_batch
+        self.max_wait = max_wait
         self._ids = count(1)
         self._incoming: deque[_Job] = deque()
-        self._active: list[_Job] = []
+        self._jobs: set[_Job] = set()  # the requests being served
+        self._serving = 0  # request threads alive
+        self._running = 0  # of those, the ones not waiting for a pass
+        self._passes: list[_Pass] = []
+        self._first_wait = 0.0  # when the oldest waiting pass was asked for
         self._wakeup = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
+        self.batches = 0  # batched calls run, and the passes in them: the mean batch size
+        self.batched_passes = 0
         _ENGINES.add(self)
 
     # -- callers -------------------------------------------------------------------------------
@@ -221,7 +268,7 @@ class NudgingEngine:
             handle = RequestHandle(self, next(self._ids), generation)
             self._incoming.append(_Job(handle))
             self._ensure_worker()
-            self._wakeup.notify()
+            self._wakeup.notify_all()
         return handle
 
     @property
@@ -230,7 +277,7 @@ class NudgingEngine:
 
     @property
     def live_requests(self) -> int:
-        return len(self._incoming) + len(self._active)
+        return len(self._incoming) + self._serving
 
     @property
     def live_sessions(self) -> int:
@@ -240,18 +287,48 @@ class NudgingEngine:
         """Cancel what is running, end the worker; later submits raise EngineClosedError."""
         with self._wakeup:
             self._closed = True
-            for job in (*self._incoming, *self._active):
+            for job in (*self._incoming, *self._jobs):
                 job.handle.cancelled = True
-            self._wakeup.notify()
+            self._wakeup.notify_all()
         thread = self._thread
         if wait and thread is not None and thread is not threading.current_thread():
             thread.join()
 
-    # -- the worker ----------------------------------------------------------------------------
+    # -- request threads -------------------------------------------------------------------
     def _notify(self) -> None:
         with self._wakeup:
-            self._wakeup.notify()
+            self._wakeup.notify_all()
 
+    def _serve(self, job: _Job) -> None:
+        serve_passes_through(self._run_pass)
+        try:
+            job.run()
+        finally:
+            serve_passes_through(None)
+            with self._wakeup:
+                self._jobs.discard(job)
+                self._serving -= 1
+                self._running -= 1
+                self._wakeup.notify_all()
+
+    def _run_pass(self, model: LocalModel, step: Step) -> torch.Tensor:
+        """In a request's thread: wait for the worker to run this pass (in a batch)."""
+        waiting = _Pass(model, step)
+        with self._wakeup:
+            if not self._passes:
+                self._first_wait = time.monotonic()
+            self._passes.append(waiting)
+            self._running -= 1
+            self._wakeup.notify_all()
+            while not waiting.done:
+                self._wakeup.wait()
+            self._running += 1
+        if waiting.error is not None:
+            raise waiting.error
+        assert waiting.rows is not None
+        return waiting.rows
+
+    # -- the worker ----------------------------------------------------------------------------
     def _ensure_worker(self) -> None:
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="nudging-engine", daemon=True)
@@ -260,17 +337,57 @@ class NudgingEngine:
     def _work(self) -> None:
         while True:
             with self._wakeup:
-                while not self._incoming and not self._active and not self._closed:
-                    self._wakeup.wait()
-                self._active.extend(self._incoming)
-                self._incoming.clear()
-                if self._closed and not self._active:
-                    return
-                jobs = list(self._active)
-            finished = [job for job in jobs if not job.step()]
-            if finished:
-                with self._wakeup:
-                    self._active = [job for job in self._active if job not in finished]
+                batch = self._next_batch()
+            if batch is None:
+                return
+            self._run_batch(batch)
+
+    def _next_batch(self) -> list[_Pass] | None:
+        """Under the lock: start new requests; wait until a batch is due (None: the end)."""
+        while True:
+            while self._incoming:
+                job = self._incoming.popleft()
+                if self._closed:
+                    job.handle.cancelled = True
+                self._jobs.add(job)
+                self._serving += 1
+                self._running += 1
+                name = f"nudging-request-{job.handle.id}"
+                threading.Thread(target=self._serve, args=(job,), name=name, daemon=True).start()
+            if self._passes:
+                due = self._first_wait + self.max_wait
+                if self._running <= 0 or time.monotonic() >= due:
+                    return self._take()
+                self._wakeup.wait(timeout=max(0.0, due - time.monotonic()))
+            elif self._closed and self._serving == 0:
+                return None
+            else:
+                self._wakeup.wait()
+
+    def _take(self) -> list[_Pass]:
+        """The oldest waiting pass's model, up to ``max_batch`` of its passes, in order."""
+        model = self._passes[0].model
+        batch = [p for p in self._passes if p.model is model][: self.max_batch]
+        taken = {id(p) for p in batch}
+        self._passes = [p for p in self._passes if id(p) not in taken]
+        if self._passes:
+            self._first_wait = time.monotonic()
+        return batch
+
+    def _run_batch(self, batch: list[_Pass]) -> None:
+        try:
+            rows = forward_together(batch[0].model, [p.step for p in batch])
+            for waiting, row in zip(batch, rows, strict=True):
+                waiting.rows = row
+        except BaseException as error:  # every pass of a failed batch fails (its request only)
+            for waiting in batch:
+                waiting.error = error
+        self.batches += 1
+        self.batched_passes += len(batch)
+        with self._wakeup:
+            for waiting in batch:
+                waiting.done = True
+            self._wakeup.notify_all()
 
 
 _ENGINES: weakref.WeakSet[NudgingEngine] = weakref.WeakSet()

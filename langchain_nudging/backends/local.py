@@ -11,7 +11,9 @@ session also holds a grammar matcher (grammar.py) that masks each choice.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,6 +56,7 @@ class LocalModel:
             loaded.tokenizer, loaded.model, loaded.context_window, loaded.name
         )
         self.live_sessions = 0
+        self.lock = threading.Lock()  # sessions open and close on several threads
         head = self.model.get_output_embeddings()
         width = head.weight.shape[0] if head is not None else len(loaded.tokenizer)
         self.grammar = GrammarTokenizer.of(loaded.tokenizer, width, self.text.eos_ids)
@@ -136,7 +139,8 @@ class LocalSession:
         self.forward_passes = 0
         self.tokens_processed = 0
         self.choices_reused = 0  # tokens answered from the path without a forward pass
-        owner.live_sessions += 1
+        with owner.lock:
+            owner.live_sessions += 1
 
     # -- text-level questions -------------------------------------------------------------
     def peek(self, answer: str) -> Token:
@@ -228,7 +232,8 @@ class LocalSession:
         if self._cache is not None:
             self._cache = None
             self._ids = []
-            self._owner.live_sessions -= 1
+            with self._owner.lock:
+                self._owner.live_sessions -= 1
 
     # -- choices and the cache ---------------------------------------------------------------
     def _choose_after(
@@ -280,12 +285,12 @@ class LocalSession:
             del self._ids[start:]
         return self._forward(ids[start:], [n - 1 - start for n in lengths])
 
-    @torch.inference_mode()
     def _forward(self, new_ids: list[int], positions: list[int]) -> torch.Tensor:
         """Run ``new_ids`` through the model; the logits at ``positions`` (indices into it).
 
         Only those rows go through the output layer: with a large vocabulary it costs as much
-        as the rest of the model per position.
+        as the rest of the model per position. A model with a ``batcher`` (an engine serving
+        many requests) runs this pass together with other sessions' passes.
         """
         assert self._cache is not None
         window = self._text.context_window
@@ -293,16 +298,116 @@ class LocalSession:
             raise ContextWindowError(
                 f"prompt + answer would exceed {self._owner.name}'s context window of {window}"
             )
-        device = self._owner.device
-        last_only = positions == [len(new_ids) - 1]
-        output = self._owner.model(
-            input_ids=torch.tensor([new_ids], dtype=torch.long, device=device),
-            **{self._owner.cache_argument: self._cache},
-            use_cache=True,
-            logits_to_keep=1 if last_only else torch.tensor(positions, device=device),
-        )
-        self._ids.extend(new_ids)
-        rows = output.logits[0]
+        step = Step(self, new_ids, positions)
+        batcher: Callable[[LocalModel, Step], torch.Tensor] | None
+        batcher = getattr(_THIS_THREAD, "batcher", None)
+        if batcher is not None:
+            rows = batcher(self._owner, step)
+        else:
+            rows = forward_together(self._owner, [step])[0]
         self.forward_passes += 1
         self.tokens_processed += len(new_ids)
         return rows
+
+
+_THIS_THREAD = threading.local()
+
+
+def serve_passes_through(batcher: Callable[[LocalModel, Step], torch.Tensor] | None) -> None:
+    """Route the current thread's forward passes through ``batcher`` (``None``: run them here).
+
+    An engine that batches requests calls this in each request's thread: the batcher runs the
+    pass together with other requests' passes of the same model (:func:`forward_together`).
+    """
+    _THIS_THREAD.batcher = batcher
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One session's forward pass: the ids to read and where logits are needed."""
+
+    session: LocalSession
+    new_ids: list[int]
+    positions: list[int]
+
+
+@torch.inference_mode()
+def forward_together(owner: LocalModel, steps: Sequence[Step]) -> list[torch.Tensor]:
+    """Run several sessions' passes of one model as one batched call; each step's logit rows.
+
+    Each session keeps its own cache. For the call, the caches are left-padded to the longest
+    and stacked, the new ids right-padded to the longest, with a 2-D attention mask and explicit
+    positions; each session then gets its own new keys and values appended. Left padding keeps
+    every token's distance to the others, so sliding-window layers see what they see alone. A
+    single step runs exactly as a lone request always has (no mask, no padding).
+    """
+    model, device = owner.model, owner.device
+    if len(steps) == 1:
+        (step,) = steps
+        session = step.session
+        last_only = step.positions == [len(step.new_ids) - 1]
+        output = model(
+            input_ids=torch.tensor([step.new_ids], dtype=torch.long, device=device),
+            **{owner.cache_argument: session._cache},
+            use_cache=True,
+            logits_to_keep=1 if last_only else torch.tensor(step.positions, device=device),
+        )
+        session._ids.extend(step.new_ids)
+        return [output.logits[0]]
+    pasts = [len(step.session._ids) for step in steps]
+    widths = [len(step.new_ids) for step in steps]
+    past, width = max(pasts), max(widths)
+    ids = torch.zeros((len(steps), width), dtype=torch.long, device=device)
+    mask = torch.zeros((len(steps), past + width), dtype=torch.long, device=device)
+    for b, step in enumerate(steps):
+        ids[b, : widths[b]] = torch.tensor(step.new_ids, dtype=torch.long)
+        mask[b, past - pasts[b] : past + widths[b]] = 1
+    positions = torch.tensor(pasts, device=device)[:, None] + torch.arange(width, device=device)
+    keep = sorted({p for step in steps for p in step.positions})
+    stacked = _stacked(steps, pasts, past, device)
+    output = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        **{owner.cache_argument: stacked},
+        use_cache=True,
+        logits_to_keep=torch.tensor(keep, device=device),
+    )
+    rows: list[torch.Tensor] = []
+    for b, step in enumerate(steps):
+        cache = step.session._cache
+        assert cache is not None
+        for index, layer in enumerate(stacked.layers):
+            new = slice(past, past + widths[b])
+            cache.update(layer.keys[b : b + 1, :, new], layer.values[b : b + 1, :, new], index)
+        step.session._ids.extend(step.new_ids)
+        rows.append(output.logits[b, [keep.index(p) for p in step.positions]])
+    return rows
+
+
+def _stacked(
+    steps: Sequence[Step], pasts: list[int], past: int, device: torch.device
+) -> DynamicCache:
+    """The sessions' caches, each left-padded with zeros to ``past`` tokens, as one batch."""
+    if past == 0:
+        return DynamicCache()
+    shapes = next(
+        [(layer.keys.shape, layer.keys.dtype) for layer in step.session._cache.layers]
+        for step, n in zip(steps, pasts, strict=True)
+        if n and step.session._cache is not None
+    )
+    layers = []
+    for index, (shape, dtype) in enumerate(shapes):
+        keys, values = [], []
+        for step, n in zip(steps, pasts, strict=True):
+            cache = step.session._cache
+            assert cache is not None
+            if n:
+                k, v = cache.layers[index].keys, cache.layers[index].values
+            else:
+                k = v = torch.zeros((1, shape[1], 0, shape[3]), dtype=dtype, device=device)
+            pad = (0, 0, past - n, 0)
+            keys.append(torch.nn.functional.pad(k, pad))
+            values.append(torch.nn.functional.pad(v, pad))
+        layers.append((torch.cat(keys), torch.cat(values)))
+    return DynamicCache(ddp_cache_data=layers)
