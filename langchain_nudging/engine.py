@@ -34,7 +34,11 @@ from .structured import OutputSpec
 
 DEFAULT_MAX_REQUESTS = 64
 DEFAULT_MAX_BATCH = 16
-DEFAULT_MAX_WAIT = 0.02  # seconds a due batch waits for requests still between passes
+# Seconds a batch may wait for requests still between passes. Threads released by a batch
+# take a few GIL switches (5 ms each) to ask again; a short wait splits requests in one phase
+# into alternating half batches.
+DEFAULT_MAX_WAIT = 0.2
+MAX_SKIPS = 16  # batches a waiting pass may be passed over before its group goes next
 
 
 class EngineBusyError(RuntimeError):
@@ -203,6 +207,7 @@ class _Pass:
     rows: torch.Tensor | None = None
     error: BaseException | None = None
     done: bool = False
+    skipped: int = 0  # batches run while this pass waited
 
 
 class NudgingEngine:
@@ -244,6 +249,7 @@ class NudgingEngine:
         self._thread: threading.Thread | None = None
         self.batches = 0  # batched calls run, and the passes in them: the mean batch size
         self.batched_passes = 0
+        self.batch_sizes: deque[int] = deque(maxlen=1000)  # the latest batches' sizes
         _ENGINES.add(self)
 
     # -- callers -------------------------------------------------------------------------------
@@ -322,7 +328,6 @@ class NudgingEngine:
             self._wakeup.notify_all()
             while not waiting.done:
                 self._wakeup.wait()
-            self._running += 1
         if waiting.error is not None:
             raise waiting.error
         assert waiting.rows is not None
@@ -365,11 +370,28 @@ class NudgingEngine:
                 self._wakeup.wait()
 
     def _take(self) -> list[_Pass]:
-        """The oldest waiting pass's model, up to ``max_batch`` of its passes, in order."""
-        model = self._passes[0].model
-        batch = [p for p in self._passes if p.model is model][: self.max_batch]
+        """Up to ``max_batch`` waiting passes of one model and one width class, in order.
+
+        A batched call pads every pass to the widest: a prompt's first pass (hundreds of ids)
+        batched with one-token steps would make each of them that wide, so passes are batched
+        with passes of a similar width only (1; 2-16; 17-64; 65-256; ...). The largest group goes
+        first, so requests in the same phase (drafting, verifying, writing) keep stepping
+        together; a pass passed over ``MAX_SKIPS`` times goes next, so none starves.
+        """
+        groups: dict[tuple[int, int], list[_Pass]] = {}
+        for waiting in self._passes:
+            key = (id(waiting.model), _width_class(len(waiting.step.new_ids)))
+            groups.setdefault(key, []).append(waiting)
+        oldest = self._passes[0]
+        if oldest.skipped >= MAX_SKIPS:
+            key = (id(oldest.model), _width_class(len(oldest.step.new_ids)))
+            batch = groups[key][: self.max_batch]
+        else:
+            batch = max(groups.values(), key=len)[: self.max_batch]
         taken = {id(p) for p in batch}
         self._passes = [p for p in self._passes if id(p) not in taken]
+        for waiting in self._passes:
+            waiting.skipped += 1
         if self._passes:
             self._first_wait = time.monotonic()
         return batch
@@ -384,10 +406,24 @@ class NudgingEngine:
                 waiting.error = error
         self.batches += 1
         self.batched_passes += len(batch)
+        self.batch_sizes.append(len(batch))
         with self._wakeup:
             for waiting in batch:
                 waiting.done = True
+            # Counted as running from now: the next batch waits for them to ask again.
+            self._running += len(batch)
             self._wakeup.notify_all()
+
+
+def _width_class(width: int) -> int:
+    """0 for one id (a decoding step), 1 for 2-16 (a draft verified, a short re-read), then
+    2 for 17-64, 3 for 65-256, ... (prompts)."""
+    if width <= 16:
+        return 0 if width <= 1 else 1
+    level, bound = 2, 64
+    while width > bound:
+        level, bound = level + 1, bound * 4
+    return level
 
 
 _ENGINES: weakref.WeakSet[NudgingEngine] = weakref.WeakSet()

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .algorithm import Mode, NudgingRun, Segment, SoloRun
+from .algorithm import Mode, NudgingRun, RoundTrace, Segment, SoloRun
 from .backends.local import LocalModel, LocalSession
 from .config import NudgingConfig
 from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, LoadedModel, load_model
@@ -88,6 +88,7 @@ class Generation:
         self.prompts = prompts
         self._pair = pair
         self.segments: list[Segment] = []
+        self.trace: list[RoundTrace] = []  # a nudged answer's rounds, as they are decided
         self._started = False
         self._answer_tokens = 0
         # Both prompts must fit their context windows: raise before anything runs.
@@ -122,6 +123,7 @@ class Generation:
                 config = self.config = _rules_for(self._decide_call(sessions), config)
             if self.mode == "nudged":
                 run = NudgingRun(sessions["base"], sessions["nudging"], config)
+                self.trace = run.trace
             elif self.mode == "base":
                 run = SoloRun(sessions["base"], config, "base", count, truncate)
             else:

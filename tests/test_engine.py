@@ -256,3 +256,73 @@ def test_shutdown_cancels_running_requests_and_ends_the_worker(pair: NudgingPair
     assert engine.live_sessions == 0
     with pytest.raises(EngineClosedError):
         engine.submit(ask("hi"), SHORT)
+
+
+# -- batching ------------------------------------------------------------------------------------
+NEAR_TIE = 1e-4  # probabilities this close may order differently in a batched pass
+
+
+def decisions(trace: list[Any]) -> list[tuple[Any, ...]]:
+    """What each round decided, as text: the draft, the accepted words, the base tokens."""
+    return [
+        (
+            tuple(t.text for t in r.draft),
+            r.nudge_text,
+            None if r.boundary is None else r.boundary.text,
+            tuple(t.text for t in r.base_tokens),
+        )
+        for r in trace
+    ]
+
+
+def near_tie(alone: list[Any], batched: list[Any], gamma: float) -> bool:
+    """Whether the first round where the traces part was decided by a numeric near-tie."""
+    for a, b in zip(alone, batched, strict=False):
+        if decisions([a]) != decisions([b]):
+            tokens = [*a.draft, *([a.boundary] if a.boundary else []), *a.base_tokens]
+            return any(
+                t.top1_prob - t.top2_prob < NEAR_TIE or abs(t.top1_prob - gamma) < NEAR_TIE
+                for t in tokens
+            )
+    return False
+
+
+@pytest.mark.parametrize("max_batch", [16, 3])
+def test_batched_requests_decide_as_they_would_alone(pair: NudgingPair, max_batch: int) -> None:
+    """Many requests at once, their passes batched (ragged caches, crops, mixed widths): each
+    request's decision trace equals its trace alone, unless a numeric near-tie parted them."""
+    questions = [*QUESTIONS, "Write a short poem about the sea.", "What is 6 times 7?"] * 2
+    configs = [SHORT, NudgingConfig(max_tokens=48, draft_tokens=4, chunk_tokens=3)]
+    requests = [(q, configs[i % 2]) for i, q in enumerate(questions)]
+    alone_runs = []
+    for question, config in requests:
+        generation = pair.generate(ask(question), config)
+        list(generation)
+        alone_runs.append(generation)
+    engine = NudgingEngine(pair, max_batch=max_batch)
+    try:
+        handles = [engine.submit(ask(q), c) for q, c in requests]
+        for handle in handles:
+            handle.result()
+        assert engine.batched_passes / engine.batches > 1.5, "passes were not batched"
+        assert max(engine.batch_sizes) <= max_batch
+        excluded = []
+        for (question, config), alone, handle in zip(requests, alone_runs, handles, strict=True):
+            batched = handle.generation
+            if decisions(batched.trace) != decisions(alone.trace):
+                assert near_tie(alone.trace, batched.trace, config.gamma), question
+                excluded.append(question)
+                continue
+            assert batched.text == alone.text
+        assert len(excluded) <= 1, f"near-ties excluded: {excluded}"
+        wait_idle(engine)
+        assert engine.live_sessions == 0
+    finally:
+        engine.shutdown()
+
+
+def test_bad_batching_settings_are_refused(pair: NudgingPair) -> None:
+    with pytest.raises(ValueError, match="max_batch must be >= 1"):
+        NudgingEngine(pair, max_batch=0)
+    with pytest.raises(ValueError, match="max_wait must be >= 0"):
+        NudgingEngine(pair, max_wait=-1)

@@ -116,4 +116,5 @@ async def test_32_streams_with_cancellations_and_failures(
 
     await idle(engine, 0)  # cancellations take effect at each request's next engine step
     assert threading.active_count() == threads
+    assert max(engine.batch_sizes) > 4  # the streams' passes ran together
     assert (await model.ainvoke(QUESTIONS[0])).content == expected[QUESTIONS[0]]  # still serving
