@@ -4,7 +4,7 @@ It turns LangChain messages into :class:`~langchain_nudging.prompts.ChatMessage`
 :class:`~langchain_nudging.config.NudgingConfig`, submits the request to the process-wide engine
 of the loaded pair (:func:`~langchain_nudging.engine.shared_engine`) and maps the engine's events
 to ``ChatGenerationChunk`` objects: one chunk per segment, then a last, empty chunk with the
-usage and response metadata. Generation runs on the engine's worker thread; ``_astream`` awaits
+usage and response metadata. Generation runs on the engine's threads; ``_astream`` awaits
 the engine's events on the caller's event loop, which is never blocked by a forward pass.
 """
 

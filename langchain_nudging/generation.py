@@ -1,6 +1,6 @@
 """A loaded base/nudging pair answering one conversation at a time, as a stream of segments.
 
-This is the synchronous core that the engine's worker thread drives step by step.
+This is the synchronous core that the engine runs in one thread per request.
 """
 
 from __future__ import annotations
