@@ -94,7 +94,9 @@ async def test_asyncio_consumers_get_the_text_they_would_get_alone(
     assert await asyncio.gather(*(consume(q) for q in QUESTIONS)) == expected
 
 
-def test_forward_passes_run_on_the_worker_thread(engine: NudgingEngine, pair: NudgingPair) -> None:
+def test_forward_passes_run_on_the_engines_threads(
+    engine: NudgingEngine, pair: NudgingPair
+) -> None:
     threads: set[str] = set()
     hooks = [
         model.model.register_forward_pre_hook(
@@ -103,11 +105,15 @@ def test_forward_passes_run_on_the_worker_thread(engine: NudgingEngine, pair: Nu
         for model in (pair.base, pair.nudging)
     ]
     try:
-        engine.submit(ask(QUESTIONS[0]), SHORT).result()
+        engine.submit(ask(QUESTIONS[0]), SHORT).result()  # alone: its own thread runs them
+        handles = [engine.submit(ask(q), SHORT) for q in QUESTIONS]
+        for handle in handles:
+            handle.result()
     finally:
         for hook in hooks:
             hook.remove()
-    assert threads == {"nudging-engine"}
+    assert "nudging-engine" in threads  # concurrent requests: the worker batches their passes
+    assert all(name.startswith("nudging-") for name in threads), threads  # never the caller's
 
 
 def test_a_short_request_finishes_while_a_long_one_runs(engine: NudgingEngine) -> None:
