@@ -19,7 +19,6 @@ import asyncio
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,9 +29,7 @@ from transformers import DynamicCache
 from langchain_nudging import NudgedChatModel, NudgingPair
 from langchain_nudging.backends.local import LocalModel
 
-from .measure import load_prompts
-
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .measure import load_prompts, pair_run_options
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -123,9 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.concurrency")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--max-tokens", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=DATA_DIR)
-    parser.add_argument("--json", type=Path, default=None)
+    pair_run_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pair = NudgingPair.load(dtype="float32", device="cpu")

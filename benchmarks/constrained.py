@@ -22,7 +22,6 @@ import json
 import statistics
 import time
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import llguidance
@@ -34,9 +33,7 @@ from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
 from langchain_nudging.backends import grammar as grammar_module
 from langchain_nudging.structured import OutputSpec, ToolSpec
 
-from .measure import load_prompts
-
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .measure import load_prompts, pair_run_options
 
 SCHEMA = {
     "type": "object",
@@ -138,9 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.constrained")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--data", type=Path, default=DATA_DIR)
-    parser.add_argument("--json", type=Path, default=None)
+    pair_run_options(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pair = NudgingPair.load(dtype="float32", device="cpu")

@@ -9,6 +9,7 @@ model alone needs for the decisions the run made.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import time
@@ -27,6 +28,16 @@ from langchain_nudging.backends.local import LocalModel
 from langchain_nudging.reference import ReferenceModel, reference_nudge
 
 Row = dict[str, Any]
+
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def pair_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options every bundled-pair benchmark takes: torch threads, data folder, JSON out."""
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--data", type=Path, default=DATA_DIR)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
 
 
 def load_prompts(data_dir: Path, count: int) -> list[str]:

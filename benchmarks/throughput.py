@@ -32,6 +32,7 @@ from langchain_nudging.models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID
 from langchain_nudging.reference import ReferenceModel
 
 from .measure import (
+    DATA_DIR,
     PassLog,
     Row,
     base_alone,
@@ -43,7 +44,6 @@ from .measure import (
     timed,
 )
 
-DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 WARM_UP = [ChatMessage("user", "Hi")]
 PAIR_RATIO = 10  # the projection: a nudging model whose decode step costs 1/10 of the base's
 
