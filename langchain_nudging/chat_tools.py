@@ -157,8 +157,7 @@ class ToolCallStream:
         self.text += text
         if self._kind == "undecided":
             head = self.text.lstrip()
-            json_answer = self.spec.schema is not None or self.spec.json_object
-            if not head or json_answer:
+            if not head or self.spec.json_answer:
                 return "", []  # a call and a JSON answer look alike until the end
             self._kind = "call" if head.startswith("{") else "text"
             if self._kind == "text":

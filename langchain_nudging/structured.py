@@ -154,7 +154,12 @@ class OutputSpec:
         """Whether a grammar applies: tools are bound, or the answer is JSON. With tools
         bound and ``tool_choice="none"``, a text answer may not start with ``{`` (a small
         model would otherwise write a call as text)."""
-        return bool(self.tools) or self.schema is not None or self.json_object
+        return bool(self.tools) or self.json_answer
+
+    @property
+    def json_answer(self) -> bool:
+        """Whether an answer that is not a call must be JSON (a schema, or JSON mode)."""
+        return self.schema is not None or self.json_object
 
     @property
     def must_call(self) -> bool:
@@ -177,7 +182,7 @@ class OutputSpec:
     @property
     def json_only(self) -> bool:
         """The answer can only be JSON (a forced call, a schema or JSON mode without tools)."""
-        return self.must_call or self.schema is not None or self.json_object
+        return self.must_call or self.json_answer
 
     @cached_property
     def grammar(self) -> str | None:
@@ -192,8 +197,8 @@ class OutputSpec:
             rules.append("call: %json " + self._json(schema))
             alternatives.append("call")
         if not self.must_call:
-            answer = self.schema or any_json_object(self.max_string_length)
-            if self.schema is not None or self.json_object:
+            if self.json_answer:
+                answer = self.schema or any_json_object(self.max_string_length)
                 rules.append("answer: %json " + self._json(answer))
             else:
                 rules.append(f"answer: {FREE_TEXT}")
@@ -231,7 +236,7 @@ class OutputSpec:
             elif self.tool_choice == "auto":
                 otherwise = (
                     "Otherwise answer with a JSON object that matches the response schema."
-                    if self.schema is not None or self.json_object
+                    if self.json_answer
                     else "Otherwise answer in words."
                 )
                 parts.append(
@@ -256,13 +261,12 @@ class OutputSpec:
         if not self.constrained:
             return None
         stripped = text.strip()
-        json_answer = self.schema is not None or self.json_object
-        if not stripped.startswith("{") and not self.must_call and not json_answer:
+        if not stripped.startswith("{") and not self.must_call and not self.json_answer:
             return None  # a text answer in "auto" mode
         try:
             value = json.loads(stripped)
         except json.JSONDecodeError:
-            what = "tool call" if self.callable_tools and not json_answer else "JSON answer"
+            what = "tool call" if self.callable_tools and not self.json_answer else "JSON answer"
             raise IncompleteAnswerError(
                 f"the answer ended before its {what} was complete: {text!r}"
             ) from None
