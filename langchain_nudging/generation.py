@@ -78,7 +78,6 @@ class Generation:
             raise ValueError(f"mode: {mode!r} is not one of 'nudged', 'base', 'nudging'")
         self.mode = mode
         self.output = output or OutputSpec()
-        self.grammar = self.output.grammar
         prompts = render_prompts(
             messages, pair.nudging.text.tokenizer, base_format or pair.base_format, self.output
         )
@@ -112,7 +111,7 @@ class Generation:
         run: NudgingRun | SoloRun | None = None
         try:
             deciding = self.output.decides_call
-            grammar = None if deciding else self.grammar
+            grammar = None if deciding else self.output.grammar
             if self.mode != "nudging":
                 sessions["base"] = pair.base.session(prompts.base, config.base_sampling, grammar)
             if self.mode != "base":

@@ -191,7 +191,7 @@ class LocalSession:
             if token_id in self._text.stop_ids or low:
                 break
             path.append(token_id)
-            grammar_path = [*grammar_path, token_id]
+            grammar_path.append(token_id)
         texts = self._text.texts(ids, [token_id for token_id, _, _ in chosen])
         return [
             Token(text, top1, top2, token_id in self._text.stop_ids)
@@ -289,8 +289,8 @@ class LocalSession:
         """Run ``new_ids`` through the model; the logits at ``positions`` (indices into it).
 
         Only those rows go through the output layer: with a large vocabulary it costs as much
-        as the rest of the model per position. A model with a ``batcher`` (an engine serving
-        many requests) runs this pass together with other sessions' passes.
+        as the rest of the model per position. In a thread served by an engine's batcher
+        (:func:`serve_passes_through`), the pass runs together with other sessions' passes.
         """
         assert self._cache is not None
         window = self._text.context_window
