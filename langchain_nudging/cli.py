@@ -6,8 +6,9 @@ import argparse
 import asyncio
 import importlib
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -19,6 +20,8 @@ from rich.text import Text
 from .algorithm import Mode, Segment
 from .config import NudgingConfig, SamplingConfig
 from .engine import Failed, NudgingEngine, RequestHandle
+from .evaluation.scoring import ScoringSetupError
+from .evaluation.tasks import DATA_ENV_VAR, TASKS, load_examples
 from .generation import GenerationStats, NudgingPair
 from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, ModelLoadError
 from .prompts import ChatMessage
@@ -41,16 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the question; without one, an interactive chat on a terminal, else a default",
     )
-    models = chat.add_argument_group("models")
-    models.add_argument("--base", default=BUNDLED_BASE_ID, help="base model: id, folder or .gguf")
-    models.add_argument(
-        "--nudging", default=BUNDLED_NUDGING_ID, help="nudging model: id, folder or .gguf"
-    )
-    models.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
-    models.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
-    models.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
-    models.add_argument("--trust-remote-code", action="store_true")
-    models.add_argument("--cache-dir", default=None, help="where converted GGUF models live")
+    add_model_options(chat)
     nudging = chat.add_argument_group("nudging")
     defaults = NudgingConfig()
     nudging.add_argument("--gamma", type=float, default=defaults.gamma)
@@ -82,7 +76,77 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help=f"how nudged text is shown (auto: colour on a tty, else {OPEN_MARK}..{CLOSE_MARK})",
     )
+    add_eval_parser(commands)
     return parser
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    models = parser.add_argument_group("models")
+    models.add_argument("--base", default=BUNDLED_BASE_ID, help="base model: id, folder or .gguf")
+    models.add_argument(
+        "--nudging", default=BUNDLED_NUDGING_ID, help="nudging model: id, folder or .gguf"
+    )
+    models.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
+    models.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
+    models.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
+    models.add_argument("--trust-remote-code", action="store_true")
+    models.add_argument("--cache-dir", default=None, help="where converted GGUF models live")
+
+
+def _listed(kind: Callable[[str], object]) -> Callable[[str], list[object]]:
+    """An option value that may hold several comma-separated items."""
+
+    def parse(text: str) -> list[object]:
+        return [kind(item) for item in text.split(",") if item.strip()]
+
+    return parse
+
+
+def add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    evaluate = commands.add_parser(
+        "eval",
+        help="score the base model alone, the nudging model alone and the nudged pair on tasks",
+        description="Answer each task's examples in each mode, score them offline and write a "
+        "report (report.md, scores.png, answers.html) into --out. Results are saved per "
+        "example as they come, so rerunning the same command resumes an interrupted run.",
+    )
+    evaluate.add_argument(
+        "--task",
+        nargs="+",
+        type=_listed(str),
+        required=True,
+        help=f"one or more of: {', '.join(TASKS)}",
+    )
+    evaluate.add_argument(
+        "--modes",
+        type=_listed(str),
+        default=["base", "nudging", "nudged"],
+        help="comma-separated, of base, nudging, nudged (default: all three)",
+    )
+    evaluate.add_argument("--limit", type=int, default=None, help="examples per task (a sample)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    evaluate.add_argument(
+        "--gamma",
+        nargs="+",
+        type=_listed(float),
+        default=[[NudgingConfig().gamma]],
+        help="the nudged pair's gamma; several values run a sweep",
+    )
+    evaluate.add_argument("--max-tokens", type=int, default=NudgingConfig().max_tokens)
+    evaluate.add_argument("--draft-tokens", type=int, default=NudgingConfig().draft_tokens)
+    evaluate.add_argument("--chunk-tokens", type=int, default=NudgingConfig().chunk_tokens)
+    evaluate.add_argument(
+        "--concurrency", type=int, default=4, help="answers in flight at once (default 4)"
+    )
+    evaluate.add_argument(
+        "--data",
+        default=os.environ.get(DATA_ENV_VAR),
+        help=f"folder of task files (default: ${DATA_ENV_VAR}; without one, the Hugging Face "
+        "hub through the `datasets` package)",
+    )
+    evaluate.add_argument("--out", default="nudging-eval", help="output folder (%(default)s)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_model_options(evaluate)
 
 
 def config_from_args(args: argparse.Namespace) -> NudgingConfig:
@@ -289,6 +353,36 @@ def run_chat(args: argparse.Namespace, console: Console, errors: Console) -> int
         engine.shutdown()
 
 
+def run_eval_command(args: argparse.Namespace, console: Console, errors: Console) -> int:
+    from .evaluation.report import main_table, write_report
+    from .evaluation.runner import EvalSettings, run_eval, run_identity
+
+    settings = EvalSettings(
+        tasks=[name for group in args.task for name in group],
+        modes=args.modes,
+        gammas=[gamma for group in args.gamma for gamma in group],
+        limit=args.limit,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+        draft_tokens=args.draft_tokens,
+        chunk_tokens=args.chunk_tokens,
+        concurrency=args.concurrency,
+        data_dir=args.data,
+    )
+    for name in settings.tasks:  # bad data fails before the models load
+        load_examples(name, settings.data_dir)
+    pair = load_pair(args)
+    result = run_eval(pair, settings, args.out, progress=not args.no_progress)
+    run = {**run_identity(pair, settings), "seed": settings.seed, "limit": settings.limit}
+    paths = write_report(result.records, Path(args.out), run=run)
+    console.print(main_table(json.loads(paths["json"].read_text(encoding="utf-8"))))
+    for kind, path in paths.items():
+        errors.print(Text(f"{kind}: {path}", style="dim"))
+    for failure in result.failures:
+        errors.print(f"nudging: failed (rerun to retry): {failure}")
+    return 1 if result.failures else 0
+
+
 def run_bench(options: list[str], errors: Console) -> int:
     """Run benchmarks/throughput.py: it lives beside the package in a source checkout."""
     checkout = Path(__file__).resolve().parents[1]
@@ -318,10 +412,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return run_bench(rest, errors)
+        if args.command == "eval":
+            return run_eval_command(args, console, errors)
         return run_chat(args, console, errors)
     except ValidationError as exc:
         errors.print(f"nudging: invalid option: {_validation_message(exc)}")
-    except (ModelLoadError, ValueError) as exc:
+    except (ModelLoadError, ValueError, ScoringSetupError) as exc:
         errors.print(f"nudging: {exc}")
     except KeyboardInterrupt:
         errors.print("nudging: interrupted")
