@@ -29,6 +29,9 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
+from .scoring import IFEVAL_METRICS
+from .tasks import TASKS
+
 Record = Mapping[str, Any]
 
 TASK_TITLES = {
@@ -42,18 +45,11 @@ TASK_TITLES = {
 }
 """Column titles, in the order the tables list the tasks; other tasks follow by name."""
 
-OPEN_TASKS = ("just-eval", "mt-bench")
+OPEN_TASKS = tuple(name for name, task in TASKS.items() if not task.scored)
 """Tasks without an automatic score: their answers go to an external judge."""
 
 BASELINES = ("base", "nudging")
 """The rows each nudged row is compared with."""
-
-IFEVAL_METRICS = (
-    "prompt_level_strict_acc",
-    "inst_level_strict_acc",
-    "prompt_level_loose_acc",
-    "inst_level_loose_acc",
-)
 
 CI_LEVEL = 0.95
 """Coverage of the paired-bootstrap intervals."""
