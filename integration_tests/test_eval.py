@@ -93,6 +93,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(pair: NudgingPair, tmp_path
     assert after[: len(before)] == before  # what was written is kept, not redone
     assert len(after) == 9
     assert len({(r["mode"], r["example_id"]) for r in records(results)}) == 9
-    assert main([*argv, "--gamma", "0.2", "0.4"]) == 0
+    sweep = tmp_path / "sweep"
+    assert main([*argv, "--gamma", "0.2", "0.4", "--report", str(sweep)]) == 0
     assert len(results.read_text().splitlines()) == 12
-    assert (out / "gamma_sweep.png").is_file()
+    assert (sweep / "gamma_sweep.png").is_file()
+    assert not (out / "gamma_sweep.png").exists()

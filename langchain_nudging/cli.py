@@ -145,6 +145,12 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
         "hub through the `datasets` package)",
     )
     evaluate.add_argument("--out", default="nudging-eval", help="output folder (%(default)s)")
+    evaluate.add_argument(
+        "--report",
+        default=None,
+        help="folder for the report files (default: --out); e.g. a sweep's own report over "
+        "the answers in --out",
+    )
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_model_options(evaluate)
 
@@ -374,7 +380,7 @@ def run_eval_command(args: argparse.Namespace, console: Console, errors: Console
     pair = load_pair(args)
     result = run_eval(pair, settings, args.out, progress=not args.no_progress)
     run = {**run_identity(pair, settings), "seed": settings.seed, "limit": settings.limit}
-    paths = write_report(result.records, Path(args.out), run=run)
+    paths = write_report(result.records, Path(args.report or args.out), run=run)
     console.print(main_table(json.loads(paths["json"].read_text(encoding="utf-8"))))
     for kind, path in paths.items():
         errors.print(Text(f"{kind}: {path}", style="dim"))
