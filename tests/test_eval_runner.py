@@ -123,6 +123,15 @@ def test_a_rerun_resumes_and_an_interrupted_line_is_dropped(
     assert {r["gamma"] for r in sweep.records if r["mode"] == "nudged"} == {0.2, 0.4}
 
 
+async def test_runs_inside_a_running_event_loop(
+    pair: NudgingPair, data: Path, tmp_path: Path
+) -> None:
+    """As in a notebook: the caller's loop is running; the run uses a loop of its own."""
+    run = run_eval(pair, settings(data, tasks=["gsm8k"], limit=1), tmp_path / "out")
+    assert run.failures == []
+    assert len(run.records) == 3
+
+
 def test_other_settings_are_refused_not_mixed(
     pair: NudgingPair, data: Path, tmp_path: Path
 ) -> None:

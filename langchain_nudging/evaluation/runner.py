@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,6 +259,17 @@ async def _run_jobs(
     await asyncio.gather(*(worker() for _ in range(min(settings.concurrency, len(jobs)) or 1)))
 
 
+def _run_to_end(work: Coroutine[Any, Any, None]) -> None:
+    """Run on a loop of its own; beside the caller's loop when there is one (a notebook)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(work)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, work).result()
+
+
 @dataclass
 class EvalRun:
     """What a run produced: every selected record, and the answers that failed."""
@@ -313,7 +326,7 @@ def run_eval(
                 for mode, gamma in settings.cells()
             }
             if jobs:
-                asyncio.run(_run_jobs(engine, settings, jobs, stores, bars_view, bars, failures))
+                _run_to_end(_run_jobs(engine, settings, jobs, stores, bars_view, bars, failures))
     finally:
         if own_engine:
             engine.shutdown()
