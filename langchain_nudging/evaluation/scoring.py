@@ -8,6 +8,7 @@ BIG-bench date and sports tasks and StrategyQA by matching the option the answer
 from __future__ import annotations
 
 import importlib.util
+import logging
 import random
 import re
 import sys
@@ -100,6 +101,9 @@ def ifeval_module() -> types.ModuleType:
         if root not in nltk.data.path:
             nltk.data.path.insert(0, root)
         langdetect.DetectorFactory.seed = CHECKER_SEED
+        # The language checker logs every answer it cannot classify, in full, as an error
+        # (and scores it as followed); that is noise in a run's output, not a failure.
+        logging.getLogger("lm_eval.tasks.ifeval.instructions").setLevel(logging.CRITICAL)
         if "lm_eval.tasks" not in sys.modules:
             package = types.ModuleType("lm_eval.tasks")
             package.__path__ = [str(Path(spec.submodule_search_locations[0]) / "tasks")]
