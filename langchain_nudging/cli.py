@@ -21,7 +21,7 @@ from .algorithm import Mode, Segment
 from .config import NudgingConfig, SamplingConfig
 from .engine import Failed, NudgingEngine, RequestHandle
 from .evaluation.scoring import ScoringSetupError
-from .evaluation.tasks import DATA_ENV_VAR, TASKS, load_examples
+from .evaluation.tasks import DATA_ENV_VAR, TASKS
 from .generation import GenerationStats, NudgingPair
 from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, ModelLoadError
 from .prompts import ChatMessage
@@ -375,10 +375,9 @@ def run_eval_command(args: argparse.Namespace, console: Console, errors: Console
         concurrency=args.concurrency,
         data_dir=args.data,
     )
-    for name in settings.tasks:  # bad data fails before the models load
-        load_examples(name, settings.data_dir)
+    samples = settings.samples()  # bad data fails before the models load
     pair = load_pair(args)
-    result = run_eval(pair, settings, args.out, progress=not args.no_progress)
+    result = run_eval(pair, settings, args.out, progress=not args.no_progress, samples=samples)
     run = {**run_identity(pair, settings), "seed": settings.seed, "limit": settings.limit}
     paths = write_report(result.records, Path(args.report or args.out), run=run)
     console.print(main_table(json.loads(paths["json"].read_text(encoding="utf-8"))))

@@ -874,9 +874,3 @@ def write_report(
             )
             paths[f"judge/mt-bench/{row.slug}"] = path
     return paths
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a JSONL file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as file:
-        return [json.loads(line) for line in file if line.strip()]

@@ -41,7 +41,9 @@ class EvalSettings(BaseModel):
     tasks: tuple[str, ...] = Field(min_length=1, description=f"Any of {', '.join(TASKS)}.")
     modes: tuple[Mode, ...] = Field(default=MODES, min_length=1)
     gammas: tuple[float, ...] = Field(
-        default=(0.4,), min_length=1, description="Nudged runs, one per gamma, each in [0, 1]."
+        default=(NudgingConfig.model_fields["gamma"].default,),
+        min_length=1,
+        description="Nudged runs, one per gamma, each in [0, 1].",
     )
     limit: int | None = Field(default=None, ge=1, description="Examples per task (a sample).")
     seed: int = Field(default=0, ge=0, description="Seed of the sample drawn under limit.")
@@ -86,12 +88,19 @@ class EvalSettings(BaseModel):
         return cells
 
     def config(self, gamma: float | None) -> NudgingConfig:
-        return NudgingConfig(
-            gamma=0.4 if gamma is None else gamma,
+        config = NudgingConfig(
             max_tokens=self.max_tokens,
             draft_tokens=self.draft_tokens,
             chunk_tokens=self.chunk_tokens,
         )
+        return config if gamma is None else config.model_copy(update={"gamma": gamma})
+
+    def samples(self) -> dict[str, list[Example]]:
+        """Each task's sample; a missing or malformed data file raises TaskDataError."""
+        return {
+            name: sample(load_examples(name, self.data_dir), self.limit, self.seed)
+            for name in self.tasks
+        }
 
 
 class RunMismatchError(ValueError):
@@ -287,14 +296,15 @@ def run_eval(
     console: Console | None = None,
     progress: bool = True,
     engine: NudgingEngine | None = None,
+    samples: dict[str, list[Example]] | None = None,
 ) -> EvalRun:
-    """Answer and score every selected example in every (mode, gamma) not yet in ``out_dir``."""
+    """Answer and score every selected example in every (mode, gamma) not yet in ``out_dir``.
+
+    ``samples`` are ``settings.samples()`` when the caller has them already.
+    """
     out_dir = Path(out_dir)
     claim_output(out_dir, run_identity(pair, settings))
-    samples = {
-        name: sample(load_examples(name, settings.data_dir), settings.limit, settings.seed)
-        for name in settings.tasks
-    }
+    samples = samples if samples is not None else settings.samples()
     stores = {name: ResultStore(out_dir, name) for name in settings.tasks}
     # Example by example, every mode in turn: a run cut short leaves complete comparisons.
     jobs = [

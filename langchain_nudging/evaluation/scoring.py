@@ -11,6 +11,7 @@ import importlib.util
 import logging
 import random
 import re
+import string
 import sys
 import threading
 import types
@@ -163,9 +164,8 @@ _FINAL = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
 
 def _option_patterns(example: Example, task: str) -> list[tuple[str, re.Pattern[str]]]:
     if task == "bigbench-date":
-        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
         return [
-            (option, re.compile(rf"\({letters[i]}\)|{re.escape(option)}"))
+            (option, re.compile(rf"\({string.ascii_uppercase[i]}\)|{re.escape(option)}"))
             for i, option in enumerate(example.choices)
         ]
     if task == "bigbench-sports":
