@@ -15,11 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import GEMMA_WINDOW
 
 from langchain_nudging.algorithm import NudgingRun
 from langchain_nudging.backends.base import Token
 from langchain_nudging.backends.hf import PromptTooLongError, TokenizerText
-from langchain_nudging.backends.local import LocalModel
+from langchain_nudging.backends.local import LocalModel, LocalSession, Step, forward_together
 from langchain_nudging.config import NudgingConfig, SamplingConfig
 from langchain_nudging.prompts import ChatMessage, render_prompts
 from langchain_nudging.reference import ReferenceModel, reference_nudge
@@ -422,6 +423,59 @@ def test_the_session_uses_no_deprecated_model_argument(llama_a: Any) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
         session.generate(" The", 3)
+
+
+# --- sessions stepping together -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
+def test_sessions_stepping_together_get_the_logits_they_get_alone(
+    loaded_name: str, request: pytest.FixtureRequest
+) -> None:
+    """Ragged prompts, one-token steps past Gemma's sliding window, a crop and a wide re-read
+    in the middle: batched rows equal each session's rows alone; a batch of the same sessions
+    stepping again reuses its cache, and stacks anew after a crop or mixed widths."""
+    model = LocalModel(request.getfixturevalue(loaded_name))
+    prompts = [PROMPT, "Hi", PROMPT + " Paris, I think."]
+    together = [model.session(p, GREEDY) for p in prompts]
+    alone = [model.session(p, GREEDY) for p in prompts]
+
+    def step(new_ids: list[list[int]]) -> None:
+        rows = forward_together(
+            model, [Step(s, ids, [len(ids) - 1]) for s, ids in zip(together, new_ids, strict=True)]
+        )
+        for session, ids, row in zip(alone, new_ids, rows, strict=True):
+            (want,) = forward_together(model, [Step(session, ids, [len(ids) - 1])])
+            torch.testing.assert_close(row, want, atol=1e-4, rtol=0)
+
+    def crop(sessions: list[LocalSession], tokens: int) -> None:
+        for session in sessions:
+            assert session._cache is not None
+            session._cache.crop(-tokens)
+            del session._ids[-tokens:]
+
+    step([model.text.encode(p) for p in prompts])
+    assert model.last_batch is None  # mixed widths: rows hold padding between their tokens
+    reused: list[bool] = []
+    for k in range(GEMMA_WINDOW + 16):
+        if k == 50:
+            crop([together[2], alone[2]], 1)  # this step re-reads one id: all widths still 1
+        before = model.last_batch
+        step([[3 + (k * 7 + b) % 40] for b in range(len(prompts))])
+        reused.append(before is not None and model.last_batch.cache is before.cache)
+        if k == 30:
+            crop([together[1], alone[1]], 3)
+            step([[5], [6, 7, 8], [9]])  # a re-read of three ids beside one-token steps
+            assert model.last_batch is None
+    # Stacked: the first step, the one after the re-read, the one after the second crop.
+    assert [k for k, r in enumerate(reused) if not r] == [0, 31, 50]
+    assert all(len(s._ids) > GEMMA_WINDOW for s in together)
+    batch_cache = weakref.ref(model.last_batch.cache)
+    del before
+    together[0].close()
+    assert model.last_batch is None  # a closed session's rows are not kept alive
+    gc.collect()
+    assert batch_cache() is None
 
 
 # --- closing -------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import count
 from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..config import SamplingConfig
 from .base import ContextWindowError, Token
@@ -56,6 +58,7 @@ class LocalModel:
             loaded.tokenizer, loaded.model, loaded.context_window, loaded.name
         )
         self.live_sessions = 0
+        self.last_batch: _Batch | None = None  # the latest batched call, while reusable
         self.lock = threading.Lock()  # sessions open and close on several threads
         head = self.model.get_output_embeddings()
         width = head.weight.shape[0] if head is not None else len(loaded.tokenizer)
@@ -136,6 +139,7 @@ class LocalSession:
         self._ids: list[int] = []  # ids whose keys and values are in the cache
         self._choices = ChoiceTree()
         self._peeked: str | None = None  # the answer of the last peek
+        self.serial = next(_SERIALS)  # orders a batch's rows
         self.forward_passes = 0
         self.tokens_processed = 0
         self.choices_reused = 0  # tokens answered from the path without a forward pass
@@ -232,6 +236,9 @@ class LocalSession:
         if self._cache is not None:
             self._cache = None
             self._ids = []
+            last = self._owner.last_batch
+            if last is not None and self in last.sessions:
+                self._owner.last_batch = None  # its cache would outlive the session
             with self._owner.lock:
                 self._owner.live_sessions -= 1
 
@@ -311,6 +318,7 @@ class LocalSession:
 
 
 _THIS_THREAD = threading.local()
+_SERIALS = count()
 
 
 def serve_passes_through(batcher: Callable[[LocalModel, Step], torch.Tensor] | None) -> None:
@@ -337,9 +345,12 @@ def forward_together(owner: LocalModel, steps: Sequence[Step]) -> list[torch.Ten
 
     Each session keeps its own cache. For the call, the caches are left-padded to the longest
     and stacked, the new ids right-padded to the longest, with a 2-D attention mask and explicit
-    positions; each session then gets its own new keys and values appended. Left padding keeps
-    every token's distance to the others, so sliding-window layers see what they see alone. A
-    single step runs exactly as a lone request always has (no mask, no padding).
+    positions. Left padding keeps every token's distance to the others, so sliding-window layers
+    see what they see alone. Afterwards each session's cache is its own rows of the grown batch
+    cache (views, not copies), so when the same sessions step together again, each one's cache
+    untouched since and the last call's ids all of one width (no padding between a row's tokens),
+    that batch cache is used as it is instead of being stacked again. A single step runs exactly
+    as a lone request always has (no mask, no padding).
     """
     model, device = owner.model, owner.device
     if len(steps) == 1:
@@ -354,7 +365,11 @@ def forward_together(owner: LocalModel, steps: Sequence[Step]) -> list[torch.Ten
         )
         session._ids.extend(step.new_ids)
         return [output.logits[0]]
-    pasts = [len(step.session._ids) for step in steps]
+    # Rows in session order, so the same sessions make the same batch whatever their order.
+    order = sorted(range(len(steps)), key=lambda i: steps[i].session.serial)
+    steps = [steps[i] for i in order]
+    sessions = [step.session for step in steps]
+    pasts = [len(session._ids) for session in sessions]
     widths = [len(step.new_ids) for step in steps]
     past, width = max(pasts), max(widths)
     ids = torch.zeros((len(steps), width), dtype=torch.long, device=device)
@@ -364,50 +379,81 @@ def forward_together(owner: LocalModel, steps: Sequence[Step]) -> list[torch.Ten
         mask[b, past - pasts[b] : past + widths[b]] = 1
     positions = torch.tensor(pasts, device=device)[:, None] + torch.arange(width, device=device)
     keep = sorted({p for step in steps for p in step.positions})
-    stacked = _stacked(steps, pasts, past, device)
+    last = owner.last_batch
+    batch_cache = last.cache if last is not None and last.holds(sessions) else None
+    if batch_cache is None:
+        batch_cache = _stacked(sessions, pasts, past, device)
+    owner.last_batch = None
     output = model(
         input_ids=ids,
         attention_mask=mask,
         position_ids=positions,
-        **{owner.cache_argument: stacked},
+        **{owner.cache_argument: batch_cache},
         use_cache=True,
         logits_to_keep=torch.tensor(keep, device=device),
     )
-    rows: list[torch.Tensor] = []
-    for b, step in enumerate(steps):
-        cache = step.session._cache
-        assert cache is not None
-        for index, layer in enumerate(stacked.layers):
-            new = slice(past, past + widths[b])
-            cache.update(layer.keys[b : b + 1, :, new], layer.values[b : b + 1, :, new], index)
-        step.session._ids.extend(step.new_ids)
-        rows.append(output.logits[b, [keep.index(p) for p in step.positions]])
-    return rows
+    for b, session in enumerate(sessions):
+        rows = slice(past - pasts[b], past + widths[b])
+        session._cache = _cache_of(
+            [
+                (layer.keys[b : b + 1, :, rows], layer.values[b : b + 1, :, rows])
+                for layer in batch_cache.layers
+            ]
+        )
+        session._ids.extend(steps[b].new_ids)
+    if len(set(widths)) == 1:
+        owner.last_batch = _Batch(sessions, batch_cache)
+    rows_of = [
+        output.logits[b, [keep.index(p) for p in step.positions]] for b, step in enumerate(steps)
+    ]
+    return [rows_of[order.index(i)] for i in range(len(steps))]
+
+
+class _Batch:
+    """A batched call's grown cache and its sessions, whose caches are views of its rows."""
+
+    def __init__(self, sessions: list[LocalSession], cache: DynamicCache) -> None:
+        self.sessions = sessions
+        self.cache = cache
+        # A session's cache changes object when cropped, extended alone or closed.
+        self.keys = [session._cache.layers[0].keys for session in sessions]
+
+    def holds(self, sessions: list[LocalSession]) -> bool:
+        """The same sessions, each one's cache still exactly its row of this batch's cache."""
+        return len(sessions) == len(self.sessions) and all(
+            session is mine and session._cache is not None and session._cache.layers[0].keys is keys
+            for session, mine, keys in zip(sessions, self.sessions, self.keys, strict=True)
+        )
+
+
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache holding these keys and values as they are (``DynamicCache(data)`` copies them)."""
+    cache = DynamicCache()
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 def _stacked(
-    steps: Sequence[Step], pasts: list[int], past: int, device: torch.device
+    sessions: list[LocalSession], pasts: list[int], past: int, device: torch.device
 ) -> DynamicCache:
     """The sessions' caches, each left-padded with zeros to ``past`` tokens, as one batch."""
     if past == 0:
         return DynamicCache()
-    shapes = next(
-        [(layer.keys.shape, layer.keys.dtype) for layer in step.session._cache.layers]
-        for step, n in zip(steps, pasts, strict=True)
-        if n and step.session._cache is not None
-    )
+    filled = next(s._cache for s, n in zip(sessions, pasts, strict=True) if n)
+    assert filled is not None
     layers = []
-    for index, (shape, dtype) in enumerate(shapes):
-        keys, values = [], []
-        for step, n in zip(steps, pasts, strict=True):
-            cache = step.session._cache
-            assert cache is not None
+    for index, layer in enumerate(filled.layers):
+        shape = (len(sessions), layer.keys.shape[1], past, layer.keys.shape[3])
+        keys = layer.keys.new_zeros(shape, device=device)
+        values = layer.values.new_zeros(shape, device=device)
+        for b, (session, n) in enumerate(zip(sessions, pasts, strict=True)):
             if n:
-                k, v = cache.layers[index].keys, cache.layers[index].values
-            else:
-                k = v = torch.zeros((1, shape[1], 0, shape[3]), dtype=dtype, device=device)
-            pad = (0, 0, past - n, 0)
-            keys.append(torch.nn.functional.pad(k, pad))
-            values.append(torch.nn.functional.pad(v, pad))
-        layers.append((torch.cat(keys), torch.cat(values)))
-    return DynamicCache(ddp_cache_data=layers)
+                assert session._cache is not None
+                keys[b, :, past - n :] = session._cache.layers[index].keys[0]
+                values[b, :, past - n :] = session._cache.layers[index].values[0]
+        layers.append((keys, values))
+    return _cache_of(layers)
