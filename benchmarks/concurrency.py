@@ -84,25 +84,33 @@ async def sequential(model: NudgedChatModel, prompts: list[str]) -> tuple[float,
 
 @torch.inference_mode()
 def batched_gain(model: LocalModel, width: int, past: int, batch: int = IDEAL_BATCH) -> dict:
-    """``batch x t(batch 1) / t(batch)`` for one pass of ``width`` ids on ``past`` cached ones."""
+    """``batch x t(batch 1) / t(batch)`` for one pass of ``width`` ids on ``past`` cached ones.
+
+    Batch 1 and batch ``batch`` are timed in turn, 9 times each, and the medians compared, so
+    that a machine whose speed drifts affects both alike.
+    """
     net = model.model
     device = model.device
-
-    def pass_seconds(size: int) -> float:
-        cache = DynamicCache()
+    caches, new = {}, {}
+    for size in (1, batch):
+        caches[size] = DynamicCache()
         if past:
             ids = torch.randint(100, 1000, (size, past), device=device)
-            net(input_ids=ids, **{model.cache_argument: cache}, use_cache=True, logits_to_keep=1)
-        new = torch.randint(100, 1000, (size, width), device=device)
-        times = []
-        for _ in range(5):
+            net(input_ids=ids, **{model.cache_argument: caches[size]}, use_cache=True)
+        new[size] = torch.randint(100, 1000, (size, width), device=device)
+    times: dict[int, list[float]] = {1: [], batch: []}
+    for _ in range(9):
+        for size, cache in caches.items():
             begin = time.perf_counter()
-            net(input_ids=new, **{model.cache_argument: cache}, use_cache=True, logits_to_keep=1)
-            times.append(time.perf_counter() - begin)
+            net(
+                input_ids=new[size],
+                **{model.cache_argument: cache},
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            times[size].append(time.perf_counter() - begin)
             cache.crop(-width)  # back to ``past`` tokens
-        return statistics.median(times)
-
-    one_pass, many = pass_seconds(1), pass_seconds(batch)
+    one_pass, many = statistics.median(times[1]), statistics.median(times[batch])
     return {
         "batch1_ms": round(1000 * one_pass, 1),
         f"batch{batch}_ms": round(1000 * many, 1),
