@@ -382,9 +382,11 @@ class NudgingEngine:
 
         A batched call pads every pass to the widest: a prompt's first pass (hundreds of ids)
         batched with one-token steps would make each of them that wide, so passes are batched
-        with passes of a similar width only (1; 2-16; 17-64; 65-256; ...). The largest group goes
-        first, so requests in the same phase (drafting, verifying, writing) keep stepping
-        together; a pass passed over ``MAX_SKIPS`` times goes next, so none starves.
+        with passes of a similar width only (1; 2-16; 17-64; 65-256; ...). A session's first pass
+        (a new request reading its prompt) goes ahead of steps, so a new request's first text
+        never waits behind others' answers. Otherwise the largest group goes first, so requests
+        in the same phase (drafting, verifying, writing) keep stepping together. A pass passed
+        over ``MAX_SKIPS`` times goes next, so none starves.
         """
         groups: dict[tuple[int, int], list[_Pass]] = {}
         for waiting in self._passes:
@@ -395,7 +397,8 @@ class NudgingEngine:
             key = (id(oldest.model), _width_class(len(oldest.step.new_ids)))
             batch = groups[key][: self.max_batch]
         else:
-            batch = max(groups.values(), key=len)[: self.max_batch]
+            firsts = [group for group in groups.values() if any(p.step.first for p in group)]
+            batch = max(firsts or groups.values(), key=len)[: self.max_batch]
         taken = {id(p) for p in batch}
         self._passes = [p for p in self._passes if id(p) not in taken]
         for waiting in self._passes:

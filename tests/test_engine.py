@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from conftest import build_gemma, build_llama
 
-from langchain_nudging.config import NudgingConfig
+from langchain_nudging.backends.local import Step, forward_together
+from langchain_nudging.config import NudgingConfig, SamplingConfig
 from langchain_nudging.engine import (
     EngineBusyError,
     EngineClosedError,
@@ -19,6 +20,7 @@ from langchain_nudging.engine import (
     Finished,
     NudgingEngine,
     SegmentEvent,
+    _Pass,
 )
 from langchain_nudging.generation import NudgingPair
 from langchain_nudging.prompts import ChatMessage
@@ -332,3 +334,20 @@ def test_bad_batching_settings_are_refused(pair: NudgingPair) -> None:
         NudgingEngine(pair, max_batch=0)
     with pytest.raises(ValueError, match="max_wait must be >= 0"):
         NudgingEngine(pair, max_wait=-1)
+
+
+def test_a_new_requests_prompt_pass_goes_ahead_of_steps(engine: NudgingEngine) -> None:
+    """Three running requests' one-token steps make the largest group; the prompt pass of a
+    request that just arrived still runs first, so its first text does not wait for them."""
+    model = engine.pair.nudging
+    running = [model.session(f"Q{k}: one two three", SamplingConfig()) for k in range(3)]
+    for session in running:
+        forward_together(model, [Step(session, model.text.encode(session._prompt), [0])])
+    new = model.session("Q: four five six", SamplingConfig())
+    prompt = model.text.encode(new._prompt)
+    engine._passes = [_Pass(model, Step(s, [5], [0])) for s in running]
+    engine._passes.append(_Pass(model, Step(new, prompt, [len(prompt) - 1])))
+    assert [p.step.session for p in engine._take()] == [new]
+    assert [p.step.session for p in engine._take()] == running
+    for session in (*running, new):
+        session.close()

@@ -338,6 +338,11 @@ class Step:
     new_ids: list[int]
     positions: list[int]
 
+    @property
+    def first(self) -> bool:
+        """The session's first pass: it reads the prompt, nothing is cached yet."""
+        return not self.session._ids
+
 
 @torch.inference_mode()
 def forward_together(owner: LocalModel, steps: Sequence[Step]) -> list[torch.Tensor]:
