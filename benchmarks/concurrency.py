@@ -96,7 +96,12 @@ def batched_gain(model: LocalModel, width: int, past: int, batch: int = IDEAL_BA
         caches[size] = DynamicCache()
         if past:
             ids = torch.randint(100, 1000, (size, past), device=device)
-            net(input_ids=ids, **{model.cache_argument: caches[size]}, use_cache=True)
+            net(
+                input_ids=ids,
+                **{model.cache_argument: caches[size]},
+                use_cache=True,
+                logits_to_keep=1,
+            )
         new[size] = torch.randint(100, 1000, (size, width), device=device)
     times: dict[int, list[float]] = {1: [], batch: []}
     for _ in range(9):
@@ -119,7 +124,8 @@ def batched_gain(model: LocalModel, width: int, past: int, batch: int = IDEAL_BA
 
 
 def ideal_ratio(wall: float, passes: dict[str, list], gains: dict[str, dict]) -> float:
-    """The in-turn run's time with every forward pass batched ``IDEAL_BATCH`` at a time."""
+    """``wall`` over the in-turn run's time had every forward pass been batched ``IDEAL_BATCH``
+    at a time: one-token passes at the step gain, wider ones at the prompt gain."""
     forward = sum(p.seconds for model in passes.values() for p in model)
     ideal = wall - forward  # the rest (tokenizing, stop rules, streaming) as it was
     for name, model in passes.items():
