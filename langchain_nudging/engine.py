@@ -384,7 +384,7 @@ class NudgingEngine:
         batched with one-token steps would make each of them that wide, so passes are batched
         with passes of a similar width only (1; 2-16; 17-64; 65-256; ...). A session's first pass
         (a new request reading its prompt) goes ahead of steps, so a new request's first text
-        never waits behind others' answers. Otherwise the largest group goes first, so requests
+        does not wait behind others' steps. Otherwise the largest group goes first, so requests
         in the same phase (drafting, verifying, writing) keep stepping together. A pass passed
         over ``MAX_SKIPS`` times goes next, so none starves.
         """
