@@ -14,7 +14,6 @@ import inspect
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import count
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -139,7 +138,6 @@ class LocalSession:
         self._ids: list[int] = []  # ids whose keys and values are in the cache
         self._choices = ChoiceTree()
         self._peeked: str | None = None  # the answer of the last peek
-        self.serial = next(_SERIALS)  # orders a batch's rows
         self.forward_passes = 0
         self.tokens_processed = 0
         self.choices_reused = 0  # tokens answered from the path without a forward pass
@@ -318,7 +316,6 @@ class LocalSession:
 
 
 _THIS_THREAD = threading.local()
-_SERIALS = count()
 
 
 def serve_passes_through(batcher: Callable[[LocalModel, Step], torch.Tensor] | None) -> None:
@@ -370,8 +367,9 @@ def forward_together(owner: LocalModel, steps: Sequence[Step]) -> list[torch.Ten
         )
         session._ids.extend(step.new_ids)
         return [output.logits[0]]
-    # Rows in session order, so the same sessions make the same batch whatever their order.
-    order = sorted(range(len(steps)), key=lambda i: steps[i].session.serial)
+    # Rows in a fixed order (by session), so the same sessions make the same batch whatever
+    # order their passes arrived in.
+    order = sorted(range(len(steps)), key=lambda i: id(steps[i].session))
     steps = [steps[i] for i in order]
     sessions = [step.session for step in steps]
     pasts = [len(session._ids) for session in sessions]
