@@ -18,6 +18,29 @@ class ContextWindowError(ValueError):
     """``prompt + answer`` no longer fits a model's context window."""
 
 
+class Prompt(str):
+    """A rendered prompt that knows which of its characters are control markers.
+
+    A prompt is text; only the spans in ``controls`` (``(start, end)`` character offsets of a
+    chat template's own markers, such as ``"<|im_start|>"``) are tokenized as control tokens.
+    Everything else, a special-token string inside a message included, is tokenized as the
+    characters it is written with. A plain ``str`` given where a prompt is expected has no
+    control markers.
+    """
+
+    controls: tuple[tuple[int, int], ...]
+
+    def __new__(cls, text: str, controls: Sequence[tuple[int, int]] = ()) -> Prompt:
+        prompt = super().__new__(cls, text)
+        prompt.controls = tuple((int(a), int(b)) for a, b in controls)
+        return prompt
+
+
+def controls_of(prompt: str) -> tuple[tuple[int, int], ...]:
+    """The control-marker spans of ``prompt`` (none for a plain ``str``)."""
+    return prompt.controls if isinstance(prompt, Prompt) else ()
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     """One next-token decision of a model.
@@ -57,14 +80,19 @@ class TextSession(Protocol):
         *,
         min_prob: float | None = None,
         first: Token | None = None,
+        stop: Sequence[str] = (),
     ) -> list[Token]:
         """Continue ``prompt + answer`` token by token, reading the text once at the start.
 
         Stops after ``max_new_tokens`` tokens, after an end-of-sequence token (returned last),
-        or at the first token whose top-1 probability is below ``min_prob`` (returned last, so
-        the caller sees why it stopped). ``first``, when given, must be this session's
-        :meth:`peek` of the same ``answer``: it is taken as the first token whatever its
-        probability, without asking the model again.
+        at the first token whose top-1 probability is below ``min_prob`` (returned last, so
+        the caller sees why it stopped), or after the token whose text completes an occurrence
+        of a ``stop`` string in ``answer`` followed by the new text (an occurrence that ends
+        inside ``answer`` does not count). A window never ends inside a character: when the
+        last token leaves a UTF-8 character incomplete, up to 3 more tokens are taken past
+        ``max_new_tokens`` until it is complete (docs/algorithm.md, rule 7). ``first``, when
+        given, must be this session's :meth:`peek` of the same ``answer``: it is taken as the
+        first token whatever its probability, without asking the model again.
         """
         ...
 
