@@ -17,6 +17,7 @@ from transformers import GenerationConfig
 from .algorithm import NudgingRun
 from .backends.base import Token
 from .backends.hf import TokenChooser, TokenizerText
+from .backends.local import CARRY_TOKENS, StopFinder, window_full
 from .config import NudgingConfig, SamplingConfig
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class ReferenceSession:
     @torch.inference_mode()
     def peek(self, answer: str) -> Token:
         text = self._owner.text
-        ids = text.encode(self._prompt + answer)
+        ids = text.encode(self._prompt, answer)
         logits = self._owner.model(
             input_ids=torch.tensor([ids], device=self._owner.model.device),
             use_cache=False,
@@ -73,12 +74,13 @@ class ReferenceSession:
         *,
         min_prob: float | None = None,
         first: Token | None = None,
+        stop: Sequence[str] = (),
     ) -> list[Token]:
         text = self._owner.text
-        ids = text.encode(self._prompt + answer)
+        ids = text.encode(self._prompt, answer)
         sampling = self._chooser.sampling
         config = GenerationConfig(
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max_new_tokens + CARRY_TOKENS,
             do_sample=not sampling.greedy,
             temperature=sampling.temperature or 1.0,
             top_p=sampling.top_p,
@@ -97,16 +99,19 @@ class ReferenceSession:
         self._owner.forward_passes += len(result.logits)
         self._owner.tokens_processed += len(ids) + len(result.logits) - 1
         new = result.sequences[0, len(ids) :].tolist()
-        texts = text.texts(ids, new)
+        detokenizer = text.detokenizer(ids)
+        stops = StopFinder(stop, answer)
         out: list[Token] = []
         for k, (token_id, logits) in enumerate(zip(new, result.logits, strict=False)):
             top = torch.topk(torch.softmax(logits[0].float(), dim=-1), 2).values.tolist()
-            token = Token(texts[k], top[0], top[1], token_id in text.stop_ids)
+            token = Token(detokenizer.add(token_id), top[0], top[1], token_id in text.stop_ids)
             if k == 0 and first is not None:
                 token = first
             out.append(token)
             low = min_prob is not None and token.top1_prob < min_prob
             if token.is_eos or (low and not (k == 0 and first is not None)):
+                break
+            if stops.found(token.text) or window_full(out, max_new_tokens, detokenizer):
                 break
         return out
 

@@ -18,7 +18,7 @@ import torch
 from conftest import GEMMA_WINDOW
 
 from langchain_nudging.algorithm import NudgingRun
-from langchain_nudging.backends.base import Token
+from langchain_nudging.backends.base import Prompt, Token
 from langchain_nudging.backends.hf import PromptTooLongError, TokenizerText
 from langchain_nudging.backends.local import LocalModel, LocalSession, Step, forward_together
 from langchain_nudging.config import NudgingConfig, SamplingConfig
@@ -349,12 +349,17 @@ def test_no_double_bos_when_the_prompt_starts_with_it(
     bos, bos_id = loaded.tokenizer.bos_token, loaded.tokenizer.bos_token_id
     model = LocalModel(loaded)
     with recorded_inputs(loaded.model) as calls:
-        with_bos = model.session(bos + PROMPT, GREEDY).peek("")
+        with_bos = model.session(Prompt(bos + PROMPT, [(0, len(bos))]), GREEDY).peek("")
         plain = model.session(PROMPT, GREEDY).peek("")
-    assert len(calls) == 2
-    for ids in calls:
+        model.session(bos + PROMPT, GREEDY).peek("")
+    assert len(calls) == 3
+    for ids in calls[:2]:
         assert ids[0] == bos_id
         assert ids.count(bos_id) == 1
+    # The BOS string in plain text is text: the tokenizer's own BOS, then the string's pieces.
+    assert calls[2][0] == bos_id
+    assert calls[2].count(bos_id) == 1
+    assert len(calls[2]) > len(calls[1])
     if loaded_name == "llama_a":  # byte-level BPE: the text after the BOS tokenizes the same
         assert calls[0] == calls[1]
         assert_same(with_bos, plain)

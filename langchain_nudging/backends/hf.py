@@ -13,7 +13,7 @@ from transformers import (
 )
 
 from ..config import SamplingConfig
-from .base import ContextWindowError
+from .base import ContextWindowError, controls_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -50,21 +50,48 @@ class TokenizerText:
         self.eos_ids = list(eos)
         # Every special token ends a turn: none of them is answer text.
         self.stop_ids = frozenset({*tokenizer.all_special_ids, *eos})
+        # What the tokenizer puts before a text of its own accord (its BOS, if it adds one).
+        self._prefix_ids = _prefix_ids(tokenizer)
+        self._bos = tokenizer.bos_token or None
+        #: Control tokens by their text: the added tokens a text never tokenizes to.
+        self.control_ids = control_tokens(tokenizer)
 
-    def encode(self, text: str) -> list[int]:
-        """Ids of a prompt (+ answer), adding the tokenizer's BOS unless the text has it."""
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and text.startswith(bos))
-        ids = self.tokenizer(text, add_special_tokens=add_special)["input_ids"]
-        if self.context_window is not None and len(ids) >= self.context_window:
+    def encode(self, prompt: str, answer: str = "") -> list[int]:
+        """Ids of ``prompt + answer``: text throughout, but for the prompt's control markers.
+
+        Only the spans a :class:`~.base.Prompt` marks as the chat template's own markers become
+        control tokens; a special-token string anywhere else (in a message, a tool result, the
+        answer) is tokenized as the characters it is written with. The tokenizer's BOS is added
+        unless the prompt's first marker, at its very start, is that BOS.
+        """
+        text = prompt + answer
+        pieces: list[int] = []
+        at = 0
+        controls = controls_of(prompt)
+        if not (controls and controls[0][0] == 0 and prompt[: controls[0][1]] == self._bos):
+            pieces.extend(self._prefix_ids)
+        for start, end in controls:
+            token_id = self.control_ids.get(text[start:end])
+            if token_id is None:
+                continue  # not a control token of this tokenizer: the span stays text
+            pieces.extend(self.encode_plain(text[at:start]))
+            pieces.append(token_id)
+            at = end
+        pieces.extend(self.encode_plain(text[at:]))
+        if self.context_window is not None and len(pieces) >= self.context_window:
             raise PromptTooLongError(
-                f"the prompt for {self.name} is {len(ids)} tokens, but its context window "
+                f"the prompt for {self.name} is {len(pieces)} tokens, but its context window "
                 f"holds {self.context_window} (including at least one answer token)"
             )
-        return list(ids)
+        return pieces
 
     def encode_plain(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        """Ids of ``text`` as text: no BOS, no special-token string parsed as a control token."""
+        if not text:
+            return []
+        return list(
+            self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        )
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
@@ -76,21 +103,12 @@ class TokenizerText:
 
         Bytes of an unfinished UTF-8 character add nothing until the id that completes it.
         """
-        ctx = context[-_CONTEXT_IDS:]
-        before = self.decode(ctx).rstrip(_INCOMPLETE)
-        out: list[str] = []
-        for k in range(1, len(new) + 1):
-            if new[k - 1] in self.stop_ids:
-                out.append("")
-                continue
-            now = self.decode(ctx + new[:k]).rstrip(_INCOMPLETE)
-            if now.startswith(before):
-                out.append(now[len(before) :])
-                before = now
-            else:  # the decoder rewrote earlier text: fall back to the id on its own
-                out.append(self.decode(new[k - 1 : k]).rstrip(_INCOMPLETE))
-                before = now
-        return out
+        detokenizer = self.detokenizer(context)
+        return [detokenizer.add(token_id) for token_id in new]
+
+    def detokenizer(self, context: list[int]) -> Detokenizer:
+        """Text of new ids after ``context``, one id at a time."""
+        return Detokenizer(self, context)
 
     def count(self, text: str) -> int:
         return len(self.encode_plain(text))
@@ -101,6 +119,60 @@ class TokenizerText:
             return text
         # A cut inside a UTF-8 character keeps the character's first bytes out.
         return self.decode(ids[:max_tokens]).rstrip(_INCOMPLETE)
+
+
+class Detokenizer:
+    """What each new id adds to the text after a context, and whether a character is open.
+
+    Bytes of an unfinished UTF-8 character add nothing until the id that completes it;
+    :attr:`incomplete` says that the ids so far end inside a character.
+    """
+
+    def __init__(self, text: TokenizerText, context: list[int]) -> None:
+        self._text = text
+        self._context = context[-_CONTEXT_IDS:]
+        self._new: list[int] = []
+        self._before = text.decode(self._context).rstrip(_INCOMPLETE)
+        self.incomplete = False
+
+    def add(self, token_id: int) -> str:
+        if token_id in self._text.stop_ids:
+            return ""
+        self._new.append(token_id)
+        raw = self._text.decode(self._context + self._new)
+        now = raw.rstrip(_INCOMPLETE)
+        self.incomplete = len(now) < len(raw)
+        if now.startswith(self._before):
+            added = now[len(self._before) :]
+        else:  # the decoder rewrote earlier text: fall back to the id on its own
+            added = self._text.decode([token_id]).rstrip(_INCOMPLETE)
+        self._before = now
+        if not self.incomplete and len(self._new) > 2 * _CONTEXT_IDS:
+            # Keep the decoded span short: a long window would decode ever more ids per id.
+            self._context = (self._context + self._new)[-_CONTEXT_IDS:]
+            self._new = []
+            self._before = self._text.decode(self._context).rstrip(_INCOMPLETE)
+        return added
+
+
+def control_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
+    """The tokenizer's control tokens (its special added tokens) by their text.
+
+    Text is tokenized with ``split_special_tokens=True``, which spells these out character by
+    character; only a prompt's marked control spans become these ids.
+    """
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return {token.content: int(i) for i, token in decoder.items() if token.special}
+
+
+def _prefix_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The ids a tokenizer puts before any text of its own accord (a BOS), not after it."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
 
 
 class TokenChooser:

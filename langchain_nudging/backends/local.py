@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicLayer
 from ..config import SamplingConfig
 from .base import ContextWindowError, Token
 from .grammar import AnswerMatcher, GrammarTokenizer
-from .hf import TokenChooser, TokenizerText
+from .hf import Detokenizer, TokenChooser, TokenizerText
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -44,6 +44,35 @@ def common_prefix_length(a: list[int], b: list[int]) -> int:
         else:
             hi = mid
     return lo
+
+
+CARRY_TOKENS = 3  # a UTF-8 character has at most 4 bytes: tokens a window may run past its size
+
+
+def window_full(tokens: Sequence[Token], size: int, detokenizer: Detokenizer) -> bool:
+    """A window of ``size`` tokens is full, unless its last token left a character open
+    (then it goes on for up to :data:`CARRY_TOKENS` more, docs/algorithm.md rule 7)."""
+    if len(tokens) < size:
+        return False
+    return not detokenizer.incomplete or len(tokens) >= size + CARRY_TOKENS
+
+
+class StopFinder:
+    """Finds the first occurrence of a stop string that ends in text added after ``answer``."""
+
+    def __init__(self, stop: Sequence[str], answer: str) -> None:
+        self._stop = tuple(stop)
+        self._keep = max((len(s) for s in self._stop), default=1) - 1
+        self._tail = answer[-self._keep :] if self._keep else ""
+
+    def found(self, text: str) -> bool:
+        if not self._stop or not text:
+            return False
+        window = self._tail + text
+        old = len(self._tail)
+        hit = any(window.find(s, max(0, old - len(s) + 1)) != -1 for s in self._stop)
+        self._tail = window[-self._keep :] if self._keep else ""
+        return hit
 
 
 class LocalModel:
@@ -87,27 +116,44 @@ class ChoiceTree:
 
     def __init__(self) -> None:
         self._root: dict[int, Any] = {}
+        # The last walk: its ids and the node after each of their prefixes. A session asks
+        # about ids that extend the last ones by a token or a few, so a walk resumes where
+        # the ids part instead of from the root (the cost per question stays flat as the
+        # prompt and the answer grow).
+        self._ids: list[int] = []
+        self._nodes: list[dict[int, Any]] = [self._root]
 
     def known(self, ids: list[int], lengths: Sequence[int]) -> dict[int, Choice]:
         """The choices after ``ids[:n]`` for each ``n`` in ``lengths`` that has one."""
-        wanted, found = set(lengths), {}
-        node: dict[int, Any] | None = self._root
-        for n in range(max(wanted, default=0) + 1):
-            if node is None:
-                break
-            if n in wanted and _CHOICE in node:
-                found[n] = node[_CHOICE]
-            node = node.get(ids[n]) if n < len(ids) else None
+        nodes = self._walk(ids, max(lengths, default=0), create=False)
+        found = {}
+        for n in lengths:
+            if n < len(nodes) and _CHOICE in nodes[n]:
+                found[n] = nodes[n][_CHOICE]
         return found
 
     def add(self, ids: list[int], choices: dict[int, Choice]) -> None:
         """Remember the choice after ``ids[:n]`` for each ``n`` in ``choices``."""
-        node, last = self._root, max(choices)
-        for n in range(last + 1):
-            if n in choices:
-                node[_CHOICE] = choices[n]
-            if n < last:
-                node = node.setdefault(ids[n], {})
+        nodes = self._walk(ids, max(choices), create=True)
+        for n, choice in choices.items():
+            nodes[n][_CHOICE] = choice
+
+    def _walk(self, ids: list[int], upto: int, create: bool) -> list[dict[int, Any]]:
+        """The nodes after ``ids[:n]`` for ``n`` from 0 to ``upto`` (fewer where the trie
+        ends, unless ``create``)."""
+        keep = min(common_prefix_length(self._ids, ids[:upto]), len(self._nodes) - 1)
+        nodes = self._nodes[: keep + 1]
+        node = nodes[-1]
+        for n in range(keep, upto):
+            child = node.get(ids[n])
+            if child is None:
+                if not create:
+                    break
+                child = node[ids[n]] = {}
+            nodes.append(child)
+            node = child
+        self._ids, self._nodes = ids[: len(nodes) - 1], nodes
+        return nodes
 
 
 class LocalSession:
@@ -154,7 +200,7 @@ class LocalSession:
         An answer that tokenizes differently from the longest one's prefix (a boundary that
         re-tokenizing merges) is asked on its own when it is read.
         """
-        all_ids = [self._text.encode(self._prompt + answer) for answer in answers]
+        all_ids = [self._text.encode(self._prompt, answer) for answer in answers]
         grammar_ids = {}
         if self._matcher is not None:
             grammar_ids = {
@@ -178,27 +224,27 @@ class LocalSession:
         *,
         min_prob: float | None = None,
         first: Token | None = None,
+        stop: Sequence[str] = (),
     ) -> list[Token]:
         if first is not None and self._peeked != answer:
             raise ValueError("generate(first=...) must follow peek() of the same answer")
-        ids = self._text.encode(self._prompt + answer)
+        ids = self._text.encode(self._prompt, answer)
         path = list(ids)
         grammar_path = self._matcher.answer_ids(answer) if self._matcher is not None else []
-        chosen: list[Choice] = []
-        for k in range(max_new_tokens):
+        detokenizer = self._text.detokenizer(ids)
+        stops = StopFinder(stop, answer)
+        out: list[Token] = []
+        while True:
             choice = self._choose_after(path, {len(path): grammar_path})  # peeks are remembered
-            chosen.append(choice)
-            token_id, top1, _ = choice
-            low = min_prob is not None and top1 < min_prob and not (k == 0 and first)
-            if token_id in self._text.stop_ids or low:
-                break
+            token_id, top1, top2 = choice
+            ends = token_id in self._text.stop_ids
+            text = detokenizer.add(token_id)
+            out.append(Token(text, top1, top2, ends))
+            low = min_prob is not None and top1 < min_prob and not (len(out) == 1 and first)
+            if ends or low or stops.found(text) or window_full(out, max_new_tokens, detokenizer):
+                return out
             path.append(token_id)
             grammar_path.append(token_id)
-        texts = self._text.texts(ids, [token_id for token_id, _, _ in chosen])
-        return [
-            Token(text, top1, top2, token_id in self._text.stop_ids)
-            for text, (token_id, top1, top2) in zip(texts, chosen, strict=True)
-        ]
 
     def count_tokens(self, text: str) -> int:
         return self._text.count(text)
@@ -211,7 +257,7 @@ class LocalSession:
         allows: how likely this model is to start writing what the grammar describes."""
         if self._cache is None:
             raise RuntimeError("session is closed")
-        ids = self._text.encode(self._prompt + answer)
+        ids = self._text.encode(self._prompt, answer)
         row = self._logits_after(ids, [len(ids)])[0].float()
         matcher = self._owner.grammar.matcher(grammar)
         allowed = matcher.allowed(matcher.answer_ids(answer)).to(row.device)
