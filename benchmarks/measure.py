@@ -247,7 +247,9 @@ def oracle(
     """The uncached oracle on the engine's own prompts and stop strings."""
     generation = pair.generate(messages, config)
     prompts = generation.prompts
-    run = reference_nudge(*refs, prompts.base, prompts.nudging, generation.config)
+    run = reference_nudge(
+        *refs, prompts.base, prompts.nudging, generation.config, generation.markers
+    )
     return {
         "tokens": pair.base.text.count(run.text),
         "rounds": run.rounds,

@@ -9,7 +9,8 @@ joined answer and releases only text that no later rule can take back.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+import bisect
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -47,21 +48,39 @@ def agrees(token: Token, next_word: str) -> bool:
 
 
 def repeated_suffix_length(text: str, min_chars: int) -> int:
-    """Length of the longest ``Y`` (at least ``min_chars`` long) such that text ends with ``YY``."""
-    for length in range(len(text) // 2, min_chars - 1, -1):
-        if text[-1] == text[-1 - length] and text[-2 * length : -length] == text[-length:]:
-            return length
-    return 0
+    """Length of the longest ``Y`` (at least ``min_chars`` long) such that text ends with ``YY``.
+
+    Such a ``Y`` ends with the text's last ``min_chars`` characters, so only the places where
+    those occur again are candidates (found by ``str.find``, not by trying every length).
+    """
+    if len(text) < 2 * min_chars:
+        return 0
+    tail = text[-min_chars:]
+    best, index = 0, text.find(tail)
+    while index != -1:
+        length = len(text) - (index + min_chars)
+        if length < min_chars:
+            break
+        if 2 * length <= len(text) and text[-2 * length : -length] == text[-length:]:
+            best = length  # the first hit is the longest: later ones are shorter
+            break
+        index = text.find(tail, index + 1)
+    return best
+
+
+MarkerCheck = Callable[[str, str], bool]
+"""``(answer before the marker, marker) -> whether the marker ends the answer there``."""
 
 
 class AnswerWriter:
     """The joined answer, the stop rules on it, and the segments that are safe to stream.
 
     Rules are applied each time a segment is appended: stop strings (cut before the first
-    occurrence), an immediately repeated suffix (cut the second copy, never before the start
-    of the segment being appended), and ``max_tokens`` base tokens (cut exactly). A tail that
-    could be the start of a stop string is held back until the next segment settles it, so
-    the streamed text always equals the final text.
+    occurrence), the base transcript's turn markers (cut before one where ``marker_ends`` says
+    so; docs/algorithm.md rule 8), an immediately repeated suffix (cut the second copy, never
+    before the start of the segment being appended), and ``max_tokens`` base tokens (cut
+    exactly). A tail that could be the start of a stop string or a marker is held back until
+    the next segment settles it, so the streamed text always equals the final text.
     """
 
     def __init__(
@@ -69,14 +88,22 @@ class AnswerWriter:
         config: NudgingConfig,
         count_tokens: Callable[[str], int],
         truncate_tokens: Callable[[str, int], str],
+        markers: Sequence[str] = (),
+        marker_ends: MarkerCheck | None = None,
     ) -> None:
         self._config = config
         self._count_tokens = count_tokens
         self._truncate_tokens = truncate_tokens
+        self._markers = tuple(markers)
+        self._marker_ends = marker_ends
+        self._content_markers: set[int] = set()  # marker occurrences judged to be content
+        self._held = (*config.stop, *self._markers)
         self.answer = ""
         self.finish_reason: FinishReason | None = None
         self._released = 0
         self._pending: list[Segment] = []
+        self._starts: list[int] = []  # where each appended segment starts in the answer
+        self._sources: list[Source] = []
 
     @property
     def done(self) -> bool:
@@ -87,6 +114,9 @@ class AnswerWriter:
             return []
         start = len(self.answer)
         text = self.answer + segment.text
+        if segment.text:
+            self._starts.append(start)
+            self._sources.append(segment.source)
         end, reason = self._apply_rules(text, start)
         self.answer = text
         self._pending.append(segment)
@@ -100,6 +130,14 @@ class AnswerWriter:
         if self.finish_reason is None:
             self.finish_reason = reason
         return self._release(len(self.answer))
+
+    def count(self, text: str) -> int:
+        """``text``'s length in base tokens."""
+        return self._count_tokens(text)
+
+    def source_at(self, index: int) -> Source:
+        """Who wrote the answer's character at ``index``."""
+        return self._sources[bisect.bisect_right(self._starts, index) - 1]
 
     def _apply_rules(self, text: str, start: int) -> tuple[int, FinishReason | None]:
         """Where ``text`` must end and why; the earliest cut of all rules wins."""
@@ -120,13 +158,38 @@ class AnswerWriter:
         while end > start and (length := repeated_suffix_length(text[:end], minimum)):
             end = max(end - length, start)  # streamed text is never taken back
             cuts.append((end, "repetition"))
+        before = min((cut[0] for cut in cuts), default=len(text))
+        marker = self._marker_cut(text, start, before)
+        if marker is not None:
+            cuts.append((marker, "stop"))
         if not cuts:
             return len(text), None
         return min(cuts, key=lambda cut: cut[0])
 
+    def _marker_cut(self, text: str, start: int, before: int) -> int | None:
+        """The first turn marker before ``before`` that ends the answer (rule 8), if any.
+
+        Only a marker whose label the base model wrote is asked about, and each occurrence is
+        asked once: one judged to be content stays content.
+        """
+        if self._marker_ends is None:
+            return None
+        found: list[int] = []
+        for marker in self._markers:
+            label = len(marker) - len(marker.lstrip())
+            index = text.find(marker, max(0, start - len(marker) + 1))
+            while index != -1 and index < before:
+                if index not in self._content_markers and self.source_at(index + label) == "base":
+                    if self._marker_ends(text[:index], marker):
+                        found.append(index)
+                        break
+                    self._content_markers.add(index)
+                index = text.find(marker, index + 1)
+        return min(found, default=None)
+
     def _held_back(self) -> int:
         longest = 0
-        for stop in self._config.stop:
+        for stop in self._held:
             for k in range(min(len(stop) - 1, len(self.answer)), longest, -1):
                 if self.answer.endswith(stop[:k]):
                     longest = k
@@ -137,6 +200,9 @@ class AnswerWriter:
         """Drop answer text past ``end`` (never released text)."""
         excess = len(self.answer) - end
         self.answer = self.answer[:end]
+        while self._starts and self._starts[-1] >= end:
+            self._starts.pop()
+            self._sources.pop()
         while excess > 0:
             last = self._pending[-1]
             if len(last.text) <= excess:
@@ -176,7 +242,9 @@ class _Run:
     """An answer being written: the text so far and why it ended."""
 
     writer: AnswerWriter
+    config: NudgingConfig
     rounds: int
+    windows: int  # windows asked of the writing model (base windows in a nudged run)
 
     @property
     def text(self) -> str:
@@ -186,20 +254,40 @@ class _Run:
     def finish_reason(self) -> FinishReason | None:
         return self.writer.finish_reason
 
+    def _window_size(self, context: str) -> int:
+        """``min(chunk_tokens, max_tokens - n)`` for an answer of ``n`` base tokens (at least 1).
+
+        The answer's bytes bound its tokens, so it is counted only near the cap.
+        """
+        config = self.config
+        room = config.max_tokens - len(context.encode())
+        if room >= config.chunk_tokens:
+            return config.chunk_tokens
+        return max(1, min(config.chunk_tokens, config.max_tokens - self.writer.count(context)))
+
 
 class NudgingRun(_Run):
     """One nudged answer. Iterate to receive segments; read the outcome afterwards.
 
     The sessions must already hold the request's prompts; this class only reads and writes
-    the answer text.
+    the answer text. ``markers`` are the base transcript's turn markers (rule 8).
     """
 
-    def __init__(self, base: TextSession, nudging: TextSession, config: NudgingConfig) -> None:
+    def __init__(
+        self,
+        base: TextSession,
+        nudging: TextSession,
+        config: NudgingConfig,
+        markers: Sequence[str] = (),
+    ) -> None:
         self.base = base
         self.nudging = nudging
         self.config = config
-        self.writer = AnswerWriter(config, base.count_tokens, base.truncate_tokens)
+        self.writer = AnswerWriter(
+            config, base.count_tokens, base.truncate_tokens, markers, self._marker_ends
+        )
         self.rounds = 0
+        self.windows = 0
         self.trace: list[RoundTrace] = []
 
     def __iter__(self) -> Iterator[Segment]:
@@ -269,8 +357,16 @@ class NudgingRun(_Run):
         passage = boundary.text
         first: Token | None = boundary
         while not writer.done:
+            if self.windows >= config.max_tokens:
+                yield from writer.finish("length")
+                return None
+            self.windows += 1
             window = self.base.generate(
-                context, config.chunk_tokens, min_prob=config.gamma, first=first
+                context,
+                self._window_size(context),
+                min_prob=config.gamma,
+                first=first,
+                stop=config.stop,
             )
             rest = window[1:] if first is not None else window
             first = None
@@ -285,8 +381,8 @@ class NudgingRun(_Run):
             text = "".join(t.text for t in taken)
             ended = stopped is not None
             handover = None if stopped is None or stopped.is_eos else stopped.top1_prob
-            if text and text in passage:
-                return None  # the authors' loop breaker: this chunk was already written
+            if not ended and text and text in passage:
+                return None  # the authors' loop breaker: this window was already written
             if len(text.split()) > config.loop_passage_words and text in writer.answer:
                 return None  # the authors' loop breaker: a long passage already in the answer
             if text:
@@ -295,15 +391,26 @@ class NudgingRun(_Run):
                 passage += text
             if ended:
                 return handover
+            if taken and not text:
+                return None  # nothing written: asking again would read the same answer
             context = writer.answer
         return None
+
+    def _marker_ends(self, answer: str, marker: str) -> bool:
+        """A turn marker the base model wrote ends the answer unless the nudging model would
+        write it there too (rule 8): then it is part of what the user asked for."""
+        size = self.nudging.count_tokens(marker) + 1
+        written = "".join(t.text for t in self.nudging.generate(answer, size))
+        return not written.startswith(marker)
 
 
 class SoloRun(_Run):
     """One model alone, for baselines: the same prompt, windows and stop rules, no nudging.
 
-    The model writes ``chunk_tokens`` tokens at a time, re-reading the answer as text at each
-    window boundary, until an end-of-sequence token or a stop rule.
+    The model writes windows of up to ``chunk_tokens`` tokens, re-reading the answer as text at
+    each window boundary, until an end-of-sequence token or a stop rule. ``markers`` (the base
+    transcript's turn markers) end the answer wherever they occur: pass them for the base
+    model, not for the nudging model, whose chat template has no such markers.
     """
 
     def __init__(
@@ -313,25 +420,36 @@ class SoloRun(_Run):
         source: Source,
         count_tokens: Callable[[str], int],
         truncate_tokens: Callable[[str, int], str],
+        markers: Sequence[str] = (),
     ) -> None:
         self.session = session
         self.config = config
         self.source: Source = source
-        self.writer = AnswerWriter(config, count_tokens, truncate_tokens)
+        self._stop = (*config.stop, *markers)
+        solo = config.model_copy(update={"stop": self._stop})
+        self.writer = AnswerWriter(solo, count_tokens, truncate_tokens)
         self.rounds = 0
+        self.windows = 0
 
     def __iter__(self) -> Iterator[Segment]:
         writer = self.writer
         try:
             while not writer.done:
+                if self.windows >= self.config.max_tokens:
+                    yield from writer.finish("length")
+                    return
                 self.rounds += 1
-                window = self.session.generate(writer.answer, self.config.chunk_tokens)
+                self.windows += 1
+                size = self._window_size(writer.answer)
+                window = self.session.generate(writer.answer, size, stop=self._stop)
                 taken = [t for t in window if not t.is_eos]
                 text = "".join(t.text for t in taken)
                 if text:
                     prob = min(t.top1_prob for t in taken) if self.source == "base" else None
                     yield from writer.append(Segment(text, self.source, prob))
-                if window[-1].is_eos:
+                if window[-1].is_eos or not text:
+                    # An end-of-sequence token, or a window that wrote nothing: asking again
+                    # would read the same answer.
                     yield from writer.finish("stop")
         except ContextWindowError:
             yield from writer.finish("length")

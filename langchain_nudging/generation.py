@@ -81,9 +81,10 @@ class Generation:
         prompts = render_prompts(
             messages, pair.nudging.text.tokenizer, base_format or pair.base_format, self.output
         )
-        self.config = _rules_for(
-            self.output, config.model_copy(update={"stop": (*config.stop, *prompts.stop)})
-        )
+        self.config = _rules_for(self.output, config)
+        #: The base transcript's turn markers: they end the answer only where the base model
+        #: starts a new turn (docs/algorithm.md rule 8).
+        self.markers = prompts.stop
         self.prompts = prompts
         self._pair = pair
         self.segments: list[Segment] = []
@@ -121,10 +122,10 @@ class Generation:
             if deciding:
                 config = self.config = _rules_for(self._decide_call(sessions), config)
             if self.mode == "nudged":
-                run = NudgingRun(sessions["base"], sessions["nudging"], config)
+                run = NudgingRun(sessions["base"], sessions["nudging"], config, self.markers)
                 self.trace = run.trace
             elif self.mode == "base":
-                run = SoloRun(sessions["base"], config, "base", count, truncate)
+                run = SoloRun(sessions["base"], config, "base", count, truncate, self.markers)
             else:
                 run = SoloRun(sessions["nudging"], config, "nudge", count, truncate)
             for segment in run:

@@ -131,12 +131,15 @@ def reference_nudge(
     base_prompt: str,
     nudging_prompt: str,
     config: NudgingConfig,
+    markers: Sequence[str] = (),
 ) -> NudgingRun:
-    """Run the oracle to the end and return the finished run (``.text``, ``.finish_reason``)."""
+    """Run the algorithm over uncached sessions to the end; the finished run (``.text``,
+    ``.finish_reason``). ``markers``: the base transcript's turn markers."""
     run = NudgingRun(
         base.session(base_prompt, config.base_sampling),
         nudging.session(nudging_prompt, config.nudging_sampling),
         config,
+        markers,
     )
     for _ in run:
         pass

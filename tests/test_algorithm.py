@@ -82,6 +82,12 @@ def follows(target: str, end: Token | None = None) -> Callable[[str], Token]:
     return rule
 
 
+def ends_with_stop(answer: str, text: str, stop: Sequence[str]) -> bool:
+    """``text`` (``answer`` and what followed) has a stop string ending after ``answer``, and
+    its last token completed it (no earlier one)."""
+    return any(s in text[max(0, len(answer) - len(s) + 1) :] for s in stop)
+
+
 class ScriptedBase:
     """A base-model :class:`TextSession` whose next token is a function of the answer."""
 
@@ -114,6 +120,7 @@ class ScriptedBase:
         *,
         min_prob: float | None = None,
         first: Token | None = None,
+        stop: Sequence[str] = (),
     ) -> list[Token]:
         assert max_new_tokens >= 1
         if first is not None:  # the contract: ``first`` is this session's peek of ``answer``
@@ -133,6 +140,8 @@ class ScriptedBase:
             if min_prob is not None and token.top1_prob < min_prob and not given:
                 break
             text += token.text
+            if ends_with_stop(answer, text, stop):
+                break
         return out
 
     def count_tokens(self, text: str) -> int:
@@ -191,8 +200,10 @@ class ScriptedNudge:
         *,
         min_prob: float | None = None,
         first: Token | None = None,
+        stop: Sequence[str] = (),
     ) -> list[Token]:
         assert min_prob is None, "the nudging model drafts whatever its confidence"
+        assert not stop, "a draft is never cut by stop strings"
         assert first is None
         self.calls.append((answer, max_new_tokens))
         return self.draft(answer)[:max_new_tokens]
