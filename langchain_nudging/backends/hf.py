@@ -130,10 +130,22 @@ class Detokenizer:
 
     def __init__(self, text: TokenizerText, context: list[int]) -> None:
         self._text = text
-        self._context = context[-_CONTEXT_IDS:]
         self._new: list[int] = []
-        self._before = text.decode(self._context).rstrip(_INCOMPLETE)
+        self._context, self._before = self._start(context)
         self.incomplete = False
+
+    def _start(self, ids: list[int]) -> tuple[list[int], str]:
+        """The last few ``ids``, started on a character boundary, and their text.
+
+        A context cut inside a character decodes to U+FFFD at its start, and byte-fallback
+        decoders then show the whole run of byte tokens that follows as U+FFFD too.
+        """
+        start = max(0, len(ids) - _CONTEXT_IDS)
+        text = self._text.decode(ids[start:])
+        while start > 0 and text.startswith(_INCOMPLETE) and len(ids) - start < 4 * _CONTEXT_IDS:
+            start -= 1
+            text = self._text.decode(ids[start:])
+        return ids[start:], text.rstrip(_INCOMPLETE)
 
     def add(self, token_id: int) -> str:
         if token_id in self._text.stop_ids:
@@ -144,14 +156,18 @@ class Detokenizer:
         self.incomplete = len(now) < len(raw)
         if now.startswith(self._before):
             added = now[len(self._before) :]
+            self._before = now
+        elif self.incomplete:
+            # Byte-fallback decoders show a whole run of byte tokens as U+FFFD while one of
+            # its characters is open: the text so far stands until the character completes.
+            added = ""
         else:  # the decoder rewrote earlier text: fall back to the id on its own
             added = self._text.decode([token_id]).rstrip(_INCOMPLETE)
-        self._before = now
+            self._before = now
         if not self.incomplete and len(self._new) > 2 * _CONTEXT_IDS:
             # Keep the decoded span short: a long window would decode ever more ids per id.
-            self._context = (self._context + self._new)[-_CONTEXT_IDS:]
+            self._context, self._before = self._start(self._context + self._new)
             self._new = []
-            self._before = self._text.decode(self._context).rstrip(_INCOMPLETE)
         return added
 
 
