@@ -9,10 +9,13 @@ run of non-space characters), used for ``max_tokens``.
 from __future__ import annotations
 
 import re
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from langchain_nudging.algorithm import (
     AnswerWriter,
@@ -932,3 +935,202 @@ def test_a_full_context_window_ends_the_answer_with_length() -> None:
     assert "".join(s.text for s in nudged) == nudged.text
     assert nudged.finish_reason == "length"
     assert len(nudged.text) >= 12
+
+
+# -- a short final window, turn markers, windows that write nothing ------------------------
+
+
+def test_a_short_final_window_already_in_the_passage_is_kept() -> None:
+    # The base writes " la, la" then " la" (unsure next): the last window's text " la" is in
+    # this round's passage, but the window was cut by an unsure token, so it is kept (the
+    # authors compare the whole window, which holds the unsure token's text too).
+    base = ScriptedBase(script("A", tok(" la"), tok(","), tok(" la"), tok(" la"), tok(" end", 0.1)))
+    nudge = ScriptedNudge({"": "A z", "A la, la la": " end.<eos>"})
+    d = Drive(base, nudge, chunk_tokens=3)
+    assert d.pairs == [("A", "nudge"), (" la", "base"), (", la", "base"), (" la", "base"),
+                       (" end.", "nudge")]  # fmt: skip
+    assert d.reason == "stop"
+
+
+MARK = "\nQuestion:"
+
+
+class CountingNudge(ScriptedNudge):
+    """A scripted nudging model that can count its own tokens (the marker check asks it)."""
+
+    def count_tokens(self, text: str) -> int:
+        return count_pieces(text)
+
+
+def _quiz(nudge_writes_marker: bool) -> NudgingRun:
+    """The nudging model starts a quiz; the base writes the next question's marker."""
+    start = "Question: Capital of France?\nAnswer: Paris."
+    base = ScriptedBase(script(start, tok(MARK), tok(" Capital"), tok(" of", 0.1)))
+    drafts: dict[str, Draft] = {
+        "": start + " x",
+        start: [MARK, " Capital"] if nudge_writes_marker else [" That", " is", " all."],
+        start + MARK + " Capital": " of Spain?<eos>",
+    }
+    run = NudgingRun(
+        ScriptedBaseWithStart(base, start), CountingNudge(drafts), NudgingConfig(), (MARK,)
+    )
+    list(run)
+    return run
+
+
+class ScriptedBaseWithStart(ScriptedBase):
+    """The base is confident after the quiz's first line, so it takes the turn there."""
+
+    def __init__(self, inner: ScriptedBase, start: str) -> None:
+        super().__init__(inner.rules)
+        words = start.split(" ")
+        self.rules.update({" ".join(words[:i]): LOST for i in range(1, len(words))})
+        self.rules[start] = tok(MARK)
+
+
+def test_a_marker_the_nudging_model_would_write_is_content() -> None:
+    run = _quiz(nudge_writes_marker=True)
+    assert MARK in run.text
+    assert run.text.endswith("of Spain?")
+    assert run.finish_reason == "stop"
+
+
+def test_a_marker_the_base_model_starts_a_turn_with_ends_the_answer() -> None:
+    run = _quiz(nudge_writes_marker=False)
+    assert run.text == "Question: Capital of France?\nAnswer: Paris."
+    assert run.finish_reason == "stop"
+
+
+def test_a_marker_the_nudging_model_wrote_never_ends_the_answer() -> None:
+    quiz = "Question: one?\nAnswer: 1\nQuestion: two?\nAnswer: 2<eos>"
+    run = NudgingRun(ScriptedBase(), CountingNudge({"": quiz}), NudgingConfig(), (MARK,))
+    list(run)
+    assert run.text == quiz.removesuffix("<eos>")
+
+
+def test_markers_end_a_base_models_solo_answer_wherever_they_are() -> None:
+    target = "One two.\nQuestion: three?"
+    base = ScriptedBase(fallback=follows(target))
+    run = SoloRun(base, NudgingConfig(chunk_tokens=2), "base", count_pieces, truncate_pieces,
+                  (MARK,))  # fmt: skip
+    assert "".join(s.text for s in run) == "One two."
+    assert run.finish_reason == "stop"
+    # The window ended at the marker instead of running on.
+    assert base.generates[-1][0] == "One two."
+
+
+def test_a_base_window_of_empty_tokens_ends_the_turn() -> None:
+    base = ScriptedBase({"Hi": tok(" there")}, fallback=lambda answer: tok(""))
+    nudge = ScriptedNudge({"": "Hi z", "Hi there": " friend.<eos>"})
+    d = Drive(base, nudge)
+    assert d.text == "Hi there friend."
+    assert len(base.generates) == 1
+
+
+def test_a_solo_window_that_writes_nothing_ends_the_answer() -> None:
+    base = ScriptedBase(fallback=lambda answer: tok("") if answer else tok("Hi"))
+    run = SoloRun(base, NudgingConfig(chunk_tokens=1), "base", count_pieces, truncate_pieces)
+    assert "".join(s.text for s in run) == "Hi"
+    assert run.finish_reason == "stop"
+    assert len(base.generates) == 2
+
+
+# -- every run ends, whatever the models say (hypothesis) ----------------------------------
+
+PIECES = ["", " ", "a", " b", "c.", "\n", "é", " the", ",", "Question:", "\nAnswer:", "zz"]
+
+
+def _pick(table: Sequence[Any], answer: str, salt: int) -> Any:
+    return table[zlib.crc32(f"{salt}|{answer}".encode()) % len(table)]
+
+
+@st.composite
+def scripted_models(draw: st.DrawFn) -> tuple[Callable[[str], Token], Callable[[str], Draft]]:
+    """A base and a nudging model whose choices are random but fixed functions of the text."""
+    tokens = draw(
+        st.lists(
+            st.builds(
+                Token,
+                st.sampled_from(PIECES),
+                st.floats(0.0, 1.0),
+                st.just(0.0),
+                st.just(False),
+            )
+            | st.builds(eos, st.floats(0.0, 1.0)),
+            min_size=1,
+            max_size=12,
+        )
+    )
+    drafts = draw(
+        st.lists(
+            st.lists(st.sampled_from([*PIECES, EOS_MARK]), min_size=1, max_size=8),
+            min_size=1,
+            max_size=8,
+        )
+    )
+    salt = draw(st.integers(0, 1000))
+    return (lambda answer: _pick(tokens, answer, salt)), (
+        lambda answer: _pick(drafts, answer, salt + 1)
+    )
+
+
+CONFIGS = st.builds(
+    NudgingConfig,
+    gamma=st.floats(0.0, 1.0),
+    draft_tokens=st.integers(1, 6),
+    chunk_tokens=st.integers(1, 6),
+    max_tokens=st.integers(1, 40),
+    max_rounds=st.integers(1, 30),
+    max_same_nudges=st.integers(1, 4),
+    min_repeat_chars=st.integers(1, 12),
+    stop=st.lists(st.sampled_from(["zz", "c.c", "\n\n", "b b"]), max_size=2),
+)
+
+
+def _check_outcome(run: Any, segments: list[Segment], config: NudgingConfig) -> None:
+    assert run.finish_reason in ("stop", "length", "repetition", "round_cap")
+    assert "".join(s.text for s in segments) == run.text
+    assert all(s.text for s in segments)
+    assert not any(s in run.text for s in config.stop)
+    assert count_pieces(run.text) <= config.max_tokens
+    assert run.rounds <= max(config.max_rounds, config.max_tokens)
+    assert run.windows <= config.max_tokens
+
+
+@settings(max_examples=300, deadline=None)
+@given(models=scripted_models(), config=CONFIGS, markers=st.booleans())
+@pytest.mark.timeout(120)
+def test_every_nudged_run_ends_and_keeps_its_rules(
+    models: tuple[Callable[[str], Token], Callable[[str], Draft]],
+    config: NudgingConfig,
+    markers: bool,
+) -> None:
+    base_rule, draft_rule = models
+    base = ScriptedBase(fallback=base_rule)
+    nudge = CountingNudge(draft_rule)
+    run = NudgingRun(base, nudge, config, ("\nQuestion:", "\nAnswer:") if markers else ())
+    segments = []
+    for segment in run:
+        segments.append(segment)
+        assert run.text.startswith("".join(s.text for s in segments))
+    _check_outcome(run, segments, config)
+    # The bound of docs/algorithm.md ("Termination").
+    assert run.rounds <= config.max_rounds
+    assert len(base.generates) <= config.max_tokens
+    assert len(nudge.calls) <= config.max_rounds + len(run.text) + 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(models=scripted_models(), config=CONFIGS, source=st.sampled_from(["base", "nudge"]))
+@pytest.mark.timeout(120)
+def test_every_solo_run_ends_and_keeps_its_rules(
+    models: tuple[Callable[[str], Token], Callable[[str], Draft]],
+    config: NudgingConfig,
+    source: str,
+) -> None:
+    base = ScriptedBase(fallback=models[0])
+    run = SoloRun(base, config, source, count_pieces, truncate_pieces, ("\nQuestion:",))  # type: ignore[arg-type]
+    segments = list(run)
+    _check_outcome(run, segments, config)
+    assert "\nQuestion:" not in run.text
+    assert len(base.generates) <= config.max_tokens
