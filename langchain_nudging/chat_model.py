@@ -33,9 +33,11 @@ from langchain_core.messages import (
     SystemMessage,
     ToolMessage,
     UsageMetadata,
+    convert_to_messages,
 )
 from langchain_core.messages import ChatMessage as LangChainChatMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
@@ -71,7 +73,7 @@ from .models import (
     resolve_device,
     resolve_dtype,
 )
-from .prompts import DEFAULT_SYSTEM, BasePromptFormat, ChatMessage, Role
+from .prompts import DEFAULT_SYSTEM, BasePromptFormat, ChatMessage, Role, normalize
 from .structured import IncompleteAnswerError, OutputSpec, ToolCall
 
 # Constraints shared by the fields and the per-call options, so both fail the same way.
@@ -81,8 +83,8 @@ PositiveInt = Annotated[int, Field(ge=1)]
 Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 TopK = Annotated[int, Field(ge=0)]
-Seed = Annotated[int, Field(ge=0)]
-Seconds = Annotated[float, Field(gt=0.0)]
+Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # what a torch generator takes
+Seconds = Annotated[float, Field(gt=0.0, le=threading.TIMEOUT_MAX)]
 NonEmpty = Annotated[str, Field(min_length=1)]
 
 #: The engine's finish reasons -> LangChain's usual ``finish_reason`` values.
@@ -119,10 +121,7 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[ChatMessage]:
     for index, message in enumerate(messages):
         role = _role(message, index)
         if isinstance(message, AIMessage):
-            calls = tuple(
-                ToolCall(call["name"], dict(call["args"]), call.get("id"))
-                for call in message.tool_calls
-            )
+            calls = tuple(_tool_call(call, index, k) for k, call in enumerate(message.tool_calls))
             tool_names.update({c.id: c.name for c in calls if c.id})
             text = _text(message.content, index, skip=_TOOL_CALL_BLOCKS)
             converted.append(ChatMessage(role, text, calls))
@@ -131,10 +130,55 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[ChatMessage]:
             text = _text(message.content, index)
             if message.status == "error":
                 text = f"Error: {text}" if not text.lower().startswith("error") else text
-            converted.append(ChatMessage(role, text, name=name, tool_call_id=message.tool_call_id))
+            converted.append(
+                ChatMessage(
+                    role,
+                    text,
+                    name=name if isinstance(name, str) else None,
+                    tool_call_id=_optional_str(message.tool_call_id, index, "tool_call_id"),
+                )
+            )
         else:
             converted.append(ChatMessage(role, _text(message.content, index)))
     return converted
+
+
+def _tool_call(call: Any, index: int, number: int) -> ToolCall:
+    where = f"messages[{index}].tool_calls[{number}]"
+    if not isinstance(call, dict):
+        raise ValueError(f"{where}: expected a tool call dict, got {type(call).__name__}")
+    name, args = call.get("name"), call.get("args", {})
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{where}.name: expected the tool's name, got {name!r}")
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}.args: expected a dict of arguments, got {type(args).__name__}")
+    return ToolCall(name, dict(args), _optional_str(call.get("id"), index, "tool call id"))
+
+
+def _optional_str(value: Any, index: int, field: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise ValueError(f"messages[{index}].{field}: expected a string, got {type(value).__name__}")
+
+
+def _check_input(model_input: Any) -> None:
+    """A clear ``ValueError`` naming the first item of a message list LangChain cannot read."""
+    if isinstance(model_input, bytes | bytearray):
+        raise ValueError("input: bytes are not supported; pass a string or a list of messages")
+    if not isinstance(model_input, Sequence) or isinstance(model_input, str | PromptValue):
+        return
+    for index, item in enumerate(model_input):
+        try:
+            convert_to_messages([item])
+        except ValidationError as error:
+            raise ValueError(f"messages[{index}]: {_short_errors(error)}") from None
+        except (NotImplementedError, ValueError, TypeError, KeyError) as error:
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise ValueError(
+                f"messages[{index}]: {type(item).__name__} is not a message ({detail[:200]}); "
+                "pass LangChain messages, (role, text) tuples, strings or "
+                "{'role': ..., 'content': ...} dicts"
+            ) from None
 
 
 # Content blocks of an AI message that repeat its tool calls (Anthropic, OpenAI Responses).
@@ -167,6 +211,11 @@ def _text(
 ) -> str:
     if isinstance(content, str):
         return content
+    if not isinstance(content, list | tuple):
+        raise ValueError(
+            f"messages[{index}].content: {type(content).__name__} content is not supported; "
+            "NudgedChatModel reads text only (a string or a list of text blocks)"
+        )
     parts = []
     for number, block in enumerate(content):
         if isinstance(block, str):
@@ -480,6 +529,9 @@ class NudgedChatModel(BaseChatModel):
     cache_dir: str | None = None
     """Where converted GGUF files are kept; default ``$LANGCHAIN_NUDGING_CACHE`` or the user
     cache folder."""
+    allow_pickle: bool = False
+    """Let a model with pickled weights (``pytorch_model.bin``, ``*.pt``) load; a pickle can
+    run code when it is loaded, so only safetensors weights load unless this is set."""
 
     _base_format: BasePromptFormat = PrivateAttr(default_factory=BasePromptFormat)
     _loaded: dict[tuple[str, Any], LoadedModel] = PrivateAttr(default_factory=dict)
@@ -601,13 +653,16 @@ class NudgedChatModel(BaseChatModel):
         return shared_engine(*self._models(model if model is not None else self.base_model))
 
     def _load_options(self) -> dict[str, Any]:
-        return {
+        options = {
             "dtype": self.dtype,
             "device": self.device,
             "device_map": self.device_map,
             "trust_remote_code": self.trust_remote_code,
             "cache_dir": self.cache_dir,
         }
+        if self.allow_pickle:
+            options["allow_pickle"] = True
+        return options
 
     def _cached(self, source: Any) -> LoadedModel | None:
         if isinstance(source, LoadedModel):
@@ -740,7 +795,15 @@ class NudgedChatModel(BaseChatModel):
         return structured_output(bound, schema, method, include_raw)
 
     # -- one request ---------------------------------------------------------------------------
+    def _convert_input(self, model_input: LanguageModelInput) -> PromptValue:
+        _check_input(model_input)
+        return super()._convert_input(model_input)
+
     def _stops(self, stop: list[str] | None) -> list[str]:
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not isinstance(stop, list | tuple):
+            raise ValueError(f"stop={stop!r}: expected a list of non-empty strings")
         return list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
 
     def _request(
@@ -760,9 +823,12 @@ class NudgedChatModel(BaseChatModel):
             raise ValueError(f"invalid option(s): {_short_errors(error)}") from None
         if isinstance(stop, str):
             stop = [stop]
-        if stop is not None and any(not isinstance(s, str) or not s for s in stop):
+        if stop is not None and (
+            not isinstance(stop, list | tuple) or any(not isinstance(s, str) or not s for s in stop)
+        ):
             raise ValueError(f"stop={stop!r}: stop strings must be non-empty strings")
         chat = to_chat_messages(messages)
+        normalize(chat)  # a conversation the prompts cannot take fails before anything loads
         output = self._output_spec(options.tools, options.tool_choice, options.response_format)
         return _Request(
             messages=chat,

@@ -23,7 +23,14 @@ from .engine import Failed, NudgingEngine, RequestHandle
 from .evaluation.scoring import ScoringSetupError
 from .evaluation.tasks import DATA_ENV_VAR, TASKS
 from .generation import GenerationStats, NudgingPair
-from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, ModelLoadError
+from .models import (
+    BUNDLED_BASE_ID,
+    BUNDLED_NUDGING_ID,
+    ModelLoadError,
+    check_source,
+    resolve_device,
+    resolve_dtype,
+)
 from .prompts import ChatMessage
 
 DEFAULT_QUESTION = "Give me three tips for staying healthy."
@@ -155,7 +162,13 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     add_model_options(evaluate)
 
 
+MAX_SEED = 2**64 - 1  # what a torch generator takes
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def config_from_args(args: argparse.Namespace) -> NudgingConfig:
+    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed {args.seed}: must be in [0, 2**64 - 1]")
     sampling = SamplingConfig(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
     )
@@ -170,7 +183,36 @@ def config_from_args(args: argparse.Namespace) -> NudgingConfig:
     )
 
 
+def check_model_args(args: argparse.Namespace) -> None:
+    """Validate the model options before anything loads: a bad --nudging fails before the base
+    model has loaded, a mistyped path or an unreachable Hub id at once."""
+    checks: list[tuple[str, Callable[[], object]]] = [
+        ("--device", lambda: args.device is None or resolve_device(args.device)),
+        ("--dtype", lambda: resolve_dtype(args.dtype, args.device)),
+    ]
+    for flag, check in checks:
+        try:
+            check()
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{flag}: {exc}") from None
+    device_map = args.device_map
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        try:
+            resolve_device(device_map)
+        except ModelLoadError:
+            raise ModelLoadError(
+                f"--device-map {device_map!r}: expected one of {', '.join(DEVICE_MAPS)} or a "
+                "torch device (cpu, cuda, cuda:1, ...)"
+            ) from None
+    for flag, source in (("--base", args.base), ("--nudging", args.nudging)):
+        try:
+            check_source(source)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{flag}: {exc}") from None
+
+
 def load_pair(args: argparse.Namespace) -> NudgingPair:
+    check_model_args(args)
     options = {
         "dtype": args.dtype,
         "device": args.device,

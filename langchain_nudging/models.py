@@ -19,7 +19,10 @@ import importlib.metadata
 import json
 import os
 import shutil
+import socket
 import threading
+import urllib.parse
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,6 +46,8 @@ CACHE_ENV_VAR = "LANGCHAIN_NUDGING_CACHE"
 _CONVERSION_FORMAT = 1  # bump when converted folders change: older ones are then ignored
 _MARKER = "langchain_nudging_conversion.json"  # written last: a folder without it is unfinished
 _CONVERT_STAGES = ["dequantise weights", "read tokenizer", "write safetensors", "finish"]
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # weights that load through pickle
+HUB_PROBE_TIMEOUT = 3.0  # seconds the one connection probe to the Hub may take
 
 
 class ModelLoadError(ValueError):
@@ -220,6 +225,7 @@ def load_model(
     trust_remote_code: bool = False,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, once per process for the same settings.
 
@@ -232,6 +238,15 @@ def load_model(
     mtime, so the next load of it is fast. With `device_map` the model is placed by accelerate in
     `from_pretrained`; otherwise it is moved to `device`. Every problem raises `ModelLoadError`;
     the source is validated before anything is written to the cache.
+
+    A spec that looks like a path (absolute, `./`, `~`, more than one `/`, a `.gguf` name, or
+    not a valid Hub id) and does not exist fails at once. A Hub id is loaded from the local
+    Hugging Face cache when it is there (no network); otherwise from the Hub, unless the Hub
+    cannot be reached (`HF_HUB_OFFLINE` set, or one connection probe of `HUB_PROBE_TIMEOUT`
+    seconds fails), which fails at once instead of retrying.
+
+    Weights must be safetensors: pickled weights (`pytorch_model.bin`, `*.pt`) can run code
+    when loaded and are refused unless `allow_pickle=True`, for a source you trust.
     """
     if isinstance(model, LoadedModel):
         return model
@@ -249,19 +264,40 @@ def load_model(
         placement = tuple(sorted((str(k), str(v)) for k, v in device_map.items()))
     else:
         placement = str(device_map)
-    source, hub_gguf, prepare = _resolve_source(os.fspath(model), gguf_file, cache_dir, progress)
+    if not isinstance(allow_pickle, bool):
+        raise ModelLoadError(f"allow_pickle={_short(repr(allow_pickle), 60)} must be True or False")
+    text = os.fspath(model)
+    source, hub_gguf, prepare = _resolve_source(text, gguf_file, cache_dir, progress, allow_pickle)
+    hub = not source.startswith("bundled:") and not Path(source).is_absolute()
     name = source if hub_gguf is None else f"{source} ({hub_gguf})"
 
     def load() -> LoadedModel:
         where = prepare()
+        options: dict[str, Any] = {
+            "gguf_file": hub_gguf, "dtype": torch_dtype, "trust": trust_remote_code,
+            "device_map": device_map, "device": None if device_map is not None else placement,
+            "progress": progress, "allow_pickle": allow_pickle,
+        }  # fmt: skip
         try:
-            net, tokenizer = _load_pretrained(
-                where, gguf_file=hub_gguf, dtype=torch_dtype, trust=trust_remote_code,
-                device_map=device_map, device=None if device_map is not None else placement,
-                progress=progress,
-            )  # fmt: skip
+            if hub:
+                cached = _cached_hub_weights(source, hub_gguf, allow_pickle)
+                if cached:
+                    try:  # all of it may be in the cache already: no network at all
+                        net, tokenizer = _load_pretrained(where, local_files_only=True, **options)
+                        return _finish(net, tokenizer, name)
+                    except OSError:
+                        pass  # a part is missing from the cache: the Hub has it
+                if reason := _hub_unreachable():
+                    if cached is None:
+                        raise _pickle_error(name)
+                    raise _hub_error(source, reason, "only partly in the Hugging Face cache")
+            net, tokenizer = _load_pretrained(where, **options)
+        except ModelLoadError:
+            raise
         except Exception as exc:
-            if isinstance(exc, OSError) and where == source and not Path(where).exists():
+            if _pickle_refused(exc) and not allow_pickle:
+                raise _pickle_error(name) from exc
+            if isinstance(exc, OSError) and hub:
                 raise ModelLoadError(
                     f"model={source!r} is neither a local path nor reachable on the Hugging Face "
                     f"Hub ({_short(exc)}); bundled models: " + ", ".join(_BUNDLED)
@@ -269,17 +305,34 @@ def load_model(
             raise ModelLoadError(f"could not load model {name!r}: {_short(exc)}") from exc
         return _finish(net, tokenizer, name)
 
-    key = (source, hub_gguf, str(torch_dtype), placement, trust_remote_code)
+    key = (source, hub_gguf, str(torch_dtype), placement, trust_remote_code, allow_pickle)
     return _get_or_load(key, load)
 
 
+def check_source(
+    model: str | os.PathLike, *, gguf_file: str | None = None, allow_pickle: bool = False
+) -> str:
+    """Validate a model source without loading or converting anything; returns its registry
+    name. Raises `ModelLoadError` as `load_model` would for a missing path, a file that is not
+    GGUF, an unknown bundled id, pickled weights, or a Hub id that is neither in the local
+    cache nor reachable."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelLoadError(
+            f"model={_short(repr(model), 60)} is not supported; pass {_SOURCES_HELP}"
+        )
+    return _resolve_source(os.fspath(model), gguf_file, None, False, allow_pickle)[0]
+
+
 def _resolve_source(
-    text: str, gguf_file: str | None, root: str | os.PathLike | None, progress: bool
-) -> tuple[str, str | None, Callable[[], str]]:
+    text: str, gguf_file: str | None, root: str | os.PathLike | None, progress: bool,
+    allow_pickle: bool = False,
+) -> tuple[str, str | None, Callable[[], str]]:  # fmt: skip
     """Validate a source: `(registry name, gguf_file for the Hub, () -> from_pretrained path)`."""
     if text.startswith("bundled:"):
         _bundled_spec(text)
         return text, None, lambda: str(bundled_model_dir(text, root, progress))
+    if not text.strip():
+        raise ModelLoadError(f"model={text!r} is empty; pass {_SOURCES_HELP}")
     path = Path(text).expanduser()
     if path.exists():
         if gguf_file is not None and not path.is_dir():
@@ -289,6 +342,8 @@ def _resolve_source(
             _check_gguf(path)
             return str(path), None, lambda: str(_converted_user_gguf(path, root, progress))
         if (path / "config.json").is_file():
+            if not allow_pickle:
+                _check_no_pickles(path)
             return str(path), None, lambda: str(path)
         ggufs = sorted(p.name for p in path.glob("*.gguf"))[:5]
         hint = f"; to load a GGUF file in it, pass gguf_file= one of {ggufs}" if ggufs else ""
@@ -298,10 +353,113 @@ def _resolve_source(
     # Hub ids are "name" or "owner/name"; anything else shaped like a path is a missing path.
     if (
         path.is_absolute() or text.startswith(("~", ".")) or text.count("/") > 1 or "\\" in text
-        or text.lower().endswith(".gguf")
+        or text.lower().endswith(".gguf") or not _valid_hub_id(text)
     ):  # fmt: skip
         raise ModelLoadError(f"model path {text!r} does not exist; pass {_SOURCES_HELP}")
+    if not _in_hub_cache(text, gguf_file) and (reason := _hub_unreachable()):
+        raise _hub_error(text, reason, "not in the Hugging Face cache")
     return text, gguf_file, lambda: text
+
+
+def _valid_hub_id(text: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _in_hub_cache(repo_id: str, gguf_file: str | None) -> bool:
+    """Whether the local Hugging Face cache holds the repo's config (or its GGUF file)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, gguf_file or "config.json")
+    except Exception:  # a malformed cache entry counts as absent
+        return False
+    return isinstance(found, str)
+
+
+_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _cached_hub_weights(repo_id: str, gguf_file: str | None, allow_pickle: bool) -> bool | None:
+    """Whether the Hugging Face cache holds weights of the repo that may be loaded: `None` when
+    it holds only pickled ones and `allow_pickle` is off."""
+    if gguf_file:
+        return _in_hub_cache(repo_id, gguf_file)
+    if any(_in_hub_cache(repo_id, name) for name in _SAFE_WEIGHTS):
+        return True
+    if any(_in_hub_cache(repo_id, name) for name in _PICKLED_WEIGHTS):
+        return True if allow_pickle else None
+    return False
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached now, or `None` when one connection to it (or
+    to the HTTPS proxy) opens within `HUB_PROBE_TIMEOUT` seconds."""
+    from huggingface_hub import constants
+
+    for variable in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(variable, "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{variable} is set"
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    target = urllib.request.getproxies().get("https") or constants.ENDPOINT
+    parsed = urllib.parse.urlsplit(target if "//" in target else "//" + target)
+    host = parsed.hostname or "huggingface.co"
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+            outcome.append(None)
+        except BaseException as exc:  # reported below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    worker.start()
+    worker.join(HUB_PROBE_TIMEOUT)  # name resolution is not bound by the socket's timeout
+    if not outcome:
+        return f"no answer from {host}:{port} within {HUB_PROBE_TIMEOUT:g} s"
+    if outcome[0] is not None:
+        return f"no connection to {host}:{port}: {_short(outcome[0], 120)}"
+    return None
+
+
+def _hub_error(repo_id: str, reason: str, cached: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"model={repo_id!r} is neither a local path nor reachable on the Hugging Face Hub: it is "
+        f"not a local folder or file, it is {cached}, and the Hub cannot be reached ({reason}); "
+        f"check the spelling, or download it while online; bundled models: " + ", ".join(_BUNDLED)
+    )
+
+
+def _check_no_pickles(folder: Path) -> None:
+    """Refuse a model folder whose only weights are pickles."""
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")):
+        return
+    pickled = sorted({p.name for pattern in _PICKLED for p in folder.glob(pattern)})
+    if pickled:
+        raise _pickle_error(str(folder), pickled[:3])
+
+
+def _pickle_refused(exc: BaseException) -> bool:
+    """Whether transformers refused a Hub repo for having no safetensors weights."""
+    return isinstance(exc, OSError) and "cannot be loaded with `safetensors`" in str(exc)
+
+
+def _pickle_error(name: str, files: list[str] | None = None) -> ModelLoadError:
+    held = f" ({', '.join(files)})" if files else ""
+    return ModelLoadError(
+        f"model {name!r} has pickled weights{held} and no safetensors; loading a pickle can run "
+        "arbitrary code, so it is refused. Convert the weights to safetensors, or pass "
+        "allow_pickle=True (NudgedChatModel(allow_pickle=True)) for a source you trust"
+    )
 
 
 def _check_gguf(path: Path) -> Path:
@@ -318,16 +476,24 @@ def _check_gguf(path: Path) -> Path:
 
 def _load_pretrained(
     where: str, *, gguf_file: str | None, dtype: torch.dtype, trust: bool, device_map: Any,
-    device: str | None, progress: bool,
+    device: str | None, progress: bool, allow_pickle: bool = False,
+    local_files_only: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:  # fmt: skip
-    """`from_pretrained` for the model and its tokenizer (tests wrap this to count loads)."""
+    """`from_pretrained` for the model and its tokenizer (tests wrap this to count loads).
+
+    Weights load from safetensors only unless `allow_pickle`; `local_files_only` never touches
+    the network."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    if local_files_only:
+        extra["local_files_only"] = True
     with _transformers_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust, **extra)
         if device_map is not None:
             extra["device_map"] = device_map
+        if not gguf_file and not allow_pickle:
+            extra["use_safetensors"] = True
         net = AutoModelForCausalLM.from_pretrained(
             where, dtype=dtype, trust_remote_code=trust, **extra
         )

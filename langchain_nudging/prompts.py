@@ -22,16 +22,25 @@ the answer format's JSON (``{"name": ..., "arguments": ...}``) and a tool's resu
 ``Result: ...`` line (base) or a user turn ``Result of <tool>: ...`` (chat). A chat template that
 knows tools (it reads a ``tools`` variable) gets the tools, the calls and the ``tool`` turns in
 its own format instead (docs/tools.md).
+
+Both prompts are :class:`~langchain_nudging.backends.base.Prompt` objects. The base transcript
+is all text (no control markers) and a line of a message's content that starts with a turn
+label (``"Question:"``, ``"Answer:"``, ``"Result:"``) gets a leading space, so that it does not
+read as a turn. In the chat prompt only the template's own markers are control markers: a
+special-token string inside a message (``"<|im_end|>"``, ``"<start_of_turn>"``) is text.
+docs/prompts.md states both rules.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .backends.base import Prompt
 from .structured import OutputSpec, ToolCall
 
 if TYPE_CHECKING:
@@ -89,10 +98,14 @@ class BasePromptFormat(BaseModel):
 
 @dataclass(frozen=True, slots=True)
 class Prompts:
-    """Both prompts of one request and the stop strings the base transcript needs."""
+    """Both prompts of one request and the stop strings the base transcript needs.
 
-    base: str
-    nudging: str
+    ``base`` has no control markers; ``nudging`` marks its chat template's own markers (none
+    when the nudging model reads the base transcript).
+    """
+
+    base: Prompt
+    nudging: Prompt
     stop: tuple[str, ...]
 
 
@@ -135,11 +148,31 @@ def normalize(messages: Sequence[ChatMessage]) -> tuple[str | None, list[ChatMes
 def base_prompt(
     system: str | None, turns: Sequence[ChatMessage], prefix: str, fmt: BasePromptFormat
 ) -> str:
-    lines = [system if system is not None else fmt.system]
+    """The base transcript (see the module docstring); content lines that start with a turn
+    label are neutralised (:func:`neutralise_labels`), the answer prefix is kept verbatim."""
+    first = system if system is not None else fmt.system
+    lines = [neutralise_labels(first, fmt, first_line=True)]
     labels = {"user": fmt.user_prefix, "assistant": fmt.assistant_prefix, "tool": fmt.tool_prefix}
-    lines.extend(labels[turn.role] + turn.text() for turn in turns)
+    lines.extend(labels[turn.role] + neutralise_labels(turn.text(), fmt) for turn in turns)
     lines.append(fmt.assistant_prefix + prefix)
     return fmt.separator.join(lines)
+
+
+def neutralise_labels(text: str, fmt: BasePromptFormat, first_line: bool = False) -> str:
+    """``text`` with a space before each turn label that starts one of its lines.
+
+    A turn label is a prefix of ``fmt`` stripped (``"Question:"``, ``"Answer:"``,
+    ``"Result:"``); a line starts after ``fmt.separator``, and at the start of ``text`` when
+    ``first_line`` (the system text, which opens the transcript). ``"\nAnswer: 4"`` becomes
+    ``"\n Answer: 4"``: it no longer reads as a turn, nor matches a stop string.
+    """
+    labels = [p.strip() for p in (fmt.user_prefix, fmt.assistant_prefix, fmt.tool_prefix)]
+    labels = sorted({label for label in labels if label}, key=len, reverse=True)
+    if not labels or not text:
+        return text
+    start = r"\A|" if first_line else ""
+    pattern = f"({start}{re.escape(fmt.separator)})(?={'|'.join(map(re.escape, labels))})"
+    return re.sub(pattern, r"\1 ", text)
 
 
 def chat_prompt(
@@ -148,31 +181,172 @@ def chat_prompt(
     turns: Sequence[ChatMessage],
     prefix: str,
     tools: Sequence[dict[str, Any]] | None = None,
-) -> str:
+) -> Prompt:
     """The chat template's rendering, cut where the assistant's answer starts.
 
     The template renders a sentinel as the final assistant message with
     ``continue_final_message=True``; the prompt is everything before the sentinel. Templates
     that reject a system role get the system text at the head of the first user message.
     ``tools`` (OpenAI-style function definitions) go to a template that reads them; the turns
-    then keep their tool calls and ``tool`` roles for the template to render.
+    then keep their tool calls and ``tool`` roles for the template to render. ``system=None``
+    leaves the system to the template; ``""`` is an explicit empty system message.
+
+    The result's ``controls`` are the template's own markers: every special or added token
+    string in the messages (and in ``tools``) is swapped for a placeholder while the template
+    renders, and put back as text (:class:`_Markers`).
     """
+    markers = _Markers(tokenizer)
     native = tools is not None
-    chat = [_template_message(t, native) for t in _plain_turns(turns, native)]
-    chat.append({"role": "assistant", "content": prefix + _SENTINEL})
-    with_system = [{"role": "system", "content": system}, *chat] if system else chat
+    plain = [_template_message(t, native) for t in _plain_turns(turns, native)]
+    chat = [markers.hide_message(m) for m in plain]
+    chat.append({"role": "assistant", "content": markers.hide(prefix) + _SENTINEL})
+    hidden_system = markers.hide(system) if system is not None else None
+    hidden_tools = markers.hide(list(tools), required=False) if tools is not None else None
+    if hidden_system is not None:
+        with_system = [{"role": "system", "content": hidden_system}, *chat]
+    else:
+        with_system = chat
     try:
-        rendered = _render(tokenizer, with_system, tools)
+        rendered = _render(tokenizer, with_system, hidden_tools)
     except Exception:  # templates raise errors of their own for a system role
-        if not system:
+        if hidden_system is None:
             raise
-        first_user = next(i for i, m in enumerate(chat) if m["role"] == "user")
         folded = [dict(m) for m in chat]
-        folded[first_user]["content"] = system + "\n\n" + folded[first_user]["content"]
-        rendered = _render(tokenizer, folded, tools)
+        if hidden_system:
+            first_user = next(i for i, m in enumerate(chat) if m["role"] == "user")
+            folded[first_user]["content"] = hidden_system + "\n\n" + folded[first_user]["content"]
+        rendered = _render(tokenizer, folded, hidden_tools)
     if not rendered.endswith(_SENTINEL):
         raise ValueError("the nudging model's chat template does not end with the answer")
-    return rendered[: -len(_SENTINEL)]
+    return markers.reveal(rendered[: -len(_SENTINEL)])
+
+
+# Placeholders: U+F0000 <hex digits U+F0010..U+F001F> U+F0001, private-use characters that no
+# tokenizer treats specially. Such characters already in a message are hidden the same way.
+_OPEN, _CLOSE, _DIGIT0 = "\U000f0000", "\U000f0001", 0xF0010
+_RESERVED = re.compile("[\U000f0000-\U000f001f]")
+_PLACEHOLDER = re.compile("\U000f0000([\U000f0010-\U000f001f]+)\U000f0001")
+
+
+def _placeholder(index: int) -> str:
+    return _OPEN + "".join(chr(_DIGIT0 + int(d, 16)) for d in f"{index:x}") + _CLOSE
+
+
+def marker_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The strings that are control markers in a rendered chat template, longest first: every
+    added token (``added_tokens_decoder``, which holds Gemma's ``<start_of_turn>`` although it is
+    not among ``all_special_tokens``) and every special token, except whitespace-only ones
+    (Gemma's runs of spaces and newlines are added tokens too, but only layout)."""
+    found: set[str] = set()
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for token in decoder.values():
+        content = getattr(token, "content", token)
+        if isinstance(content, str):
+            found.add(content)
+    for token in getattr(tokenizer, "all_special_tokens", None) or ():
+        if isinstance(token, str):
+            found.add(token)
+    return sorted((t for t in found if t.strip()), key=lambda t: (-len(t), t))
+
+
+class _Markers:
+    """Hides special-token strings in a chat's text and finds the template's own markers."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        strings = marker_strings(tokenizer)
+        self.by_length: dict[int, frozenset[str]] = {}
+        for text in strings:
+            self.by_length[len(text)] = self.by_length.get(len(text), frozenset()) | {text}
+        self.lengths = sorted(self.by_length, reverse=True)
+        firsts = {text[0] for text in strings}
+        self.candidates = re.compile(
+            "[" + "".join(re.escape(c) for c in sorted(firsts)) + "\U000f0000-\U000f001f]"
+            if firsts
+            else "[\U000f0000-\U000f001f]"
+        )
+        self.hidden: list[str] = []  # placeholder index -> the original text
+        self.required: set[int] = set()  # placeholders the template must render
+
+    def _matches(self, text: str) -> Iterator[tuple[int, int]]:
+        """Leftmost-longest, non-overlapping marker strings and reserved characters in text."""
+        position = 0
+        for found in self.candidates.finditer(text):
+            start = found.start()
+            if start < position:
+                continue
+            if _RESERVED.match(text, start):
+                yield start, start + 1
+                position = start + 1
+                continue
+            for length in self.lengths:
+                if text[start : start + length] in self.by_length[length]:
+                    yield start, start + length
+                    position = start + length
+                    break
+
+    def hide(self, value: Any, required: bool = True) -> Any:
+        """``value`` (strings, in dicts, lists and tuples) with each marker string replaced.
+
+        The template must render every ``required`` placeholder (message text); others (ids,
+        names, tool definitions) are ones a template may leave out.
+        """
+        if isinstance(value, str):
+            pieces, last = [], 0
+            for start, end in self._matches(value):
+                if required:
+                    self.required.add(len(self.hidden))
+                pieces += [value[last:start], _placeholder(len(self.hidden))]
+                self.hidden.append(value[start:end])
+                last = end
+            return "".join(pieces) + value[last:] if pieces else value
+        if isinstance(value, dict):
+            return {self.hide(k, required): self.hide(v, required) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return type(value)(self.hide(v, required) for v in value)
+        return value
+
+    def hide_message(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A template message with every string in it hidden (names, ids and tool calls too);
+        the template must render what its ``content`` held."""
+        return {k: self.hide(v, required=k == "content") for k, v in message.items()}
+
+    def reveal(self, rendered: str) -> Prompt:
+        """The prompt: placeholders back to their text, marker strings as control spans, in
+        one pass over the rendered template."""
+        out: list[str] = []
+        controls: list[tuple[int, int]] = []
+        size, last, seen = 0, 0, set()
+        for start, end in self._matches(rendered):
+            if start < last:  # inside a placeholder just read
+                continue
+            out.append(rendered[last:start])
+            size += start - last
+            piece = rendered[start:end]
+            if _RESERVED.match(piece):
+                placeholder = _PLACEHOLDER.match(rendered, start)
+                if placeholder is None:
+                    raise self._changed()
+                index = int("".join(f"{ord(c) - _DIGIT0:x}" for c in placeholder.group(1)), 16)
+                if index >= len(self.hidden):
+                    raise self._changed()
+                seen.add(index)
+                piece, end = self.hidden[index], placeholder.end()
+            else:
+                controls.append((size, size + len(piece)))
+            out.append(piece)
+            size += len(piece)
+            last = end
+        out.append(rendered[last:])
+        if not self.required <= seen:
+            raise self._changed()
+        return Prompt("".join(out), controls)
+
+    def _changed(self) -> ValueError:
+        return ValueError(
+            "the nudging model's chat template lost or changed a special-token string of the "
+            "messages (it was held by a placeholder while the template rendered); the prompt "
+            "cannot tell the template's own control markers from message text"
+        )
 
 
 def reads_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -237,28 +411,31 @@ def render_prompts(
 ) -> Prompts:
     """Both prompts for one conversation (and what its answer must be).
 
-    A nudging tokenizer without a chat template reads the base transcript too.
+    A nudging tokenizer without a chat template reads the base transcript too. A conversation
+    without a system message gets ``fmt.system`` in both prompts; an empty system message is an
+    empty system in both.
     """
     fmt = fmt or BasePromptFormat()
     system, turns, prefix = normalize(messages)
     output = output or OutputSpec()
     instructions = output.instructions()
-    base_system = system if system is not None else fmt.system
-    if instructions:
-        base_system += "\n\n" + instructions
-    base = base_prompt(base_system, turns, prefix, fmt)
+    given = system if system is not None else fmt.system
+    base_system = _join(given, instructions)
+    base = Prompt(base_prompt(base_system, turns, prefix, fmt))
     stop = fmt.stop
     if output.callable_tools or any(t.role == "tool" or t.tool_calls for t in turns):
         stop = (*stop, fmt.tool_stop)
     if not getattr(nudging_tokenizer, "chat_template", None):
         return Prompts(base=base, nudging=base, stop=stop)
     tools = None
-    chat_system = system or fmt.system
     if output.callable_tools and reads_tools(nudging_tokenizer):
         # The template lists the tools itself; the system keeps the format rules.
         tools = [tool.openai() for tool in output.callable_tools]
         instructions = output.instructions(list_tools=False)
-    if instructions:
-        chat_system += "\n\n" + instructions
+    chat_system = _join(given, instructions)
     nudging = chat_prompt(nudging_tokenizer, chat_system, turns, prefix, tools)
     return Prompts(base=base, nudging=nudging, stop=stop)
+
+
+def _join(system: str, instructions: str) -> str:
+    return "\n\n".join(p for p in (system, instructions) if p)

@@ -451,3 +451,186 @@ def test_a_killed_conversion_is_cleaned_up_and_redone(tiny_gguf, gguf_reference,
     assert _leftovers(dest) == []
     loaded = load_model(dest)
     torch.testing.assert_close(_logits(loaded, "hello world"), gguf_reference, rtol=0, atol=0)
+
+
+# --- fail fast: missing paths, the Hub cache, an unreachable Hub ----------------------------------
+
+
+@pytest.fixture
+def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Hub that refuses connections at once (nothing listens on port 9), not offline mode."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+
+
+@pytest.fixture
+def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty Hugging Face cache folder, the one huggingface_hub and transformers read."""
+    import huggingface_hub.constants
+
+    folder = tmp_path / "hf-hub"
+    folder.mkdir()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(folder))
+    return folder
+
+
+def _cache_repo(cache: Path, repo_id: str, files: Path, only: set[str] | None = None) -> None:
+    """`files`' contents as the cached `main` snapshot of `repo_id` (the cache's layout)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in files.iterdir():
+        if only is None or file.name in only:
+            (snapshot / file.name).write_bytes(file.read_bytes())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("missing", ["models/no-such-model", "no-such-model-anywhere"])
+def test_a_mistyped_folder_or_unknown_hub_id_fails_at_once(missing, no_hub, hub_cache):
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(missing)
+    assert time.monotonic() - started < 10
+    message = str(caught.value)
+    assert f"model={missing!r}" in message
+    assert "not a local folder or file" in message
+    assert "not in the Hugging Face cache" in message
+    assert "Hub cannot be reached (no connection to 127.0.0.1:9" in message
+    _assert_cache_untouched()
+
+
+@pytest.mark.timeout(60)
+def test_offline_mode_fails_at_once_without_a_probe(monkeypatch, hub_cache):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(nm.socket, "create_connection", mock_fail := _no_connection())
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match=r"cannot be reached \(HF_HUB_OFFLINE is set\)"):
+        load_model("someorg/not-cached")
+    assert time.monotonic() - started < 10
+    assert mock_fail.calls == 0
+
+
+def _no_connection():
+    def connect(*_args, **_kwargs):
+        connect.calls += 1
+        raise OSError("no network in this test")
+
+    connect.calls = 0
+    return connect
+
+
+@pytest.mark.parametrize("bad", ["my model", "a/b/", "model name/with spaces", "--x", ""])
+def test_a_spec_that_is_neither_a_path_nor_a_hub_id(bad, no_hub):
+    with pytest.raises(ModelLoadError, match=r"does not exist|is empty"):
+        load_model(bad)
+
+
+def test_a_hub_id_in_the_local_cache_loads_without_the_network(
+    model_dir, no_hub, hub_cache, monkeypatch
+):
+    _cache_repo(hub_cache, "tiny-org/tiny-llama", model_dir)
+    seen = []
+    real = nm._load_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("local_files_only", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(nm, "_load_pretrained", spy)
+    monkeypatch.setattr(nm, "_hub_unreachable", lambda: pytest.fail("the Hub was probed"))
+    loaded = load_model("tiny-org/tiny-llama", progress=False)
+    assert loaded.name == "tiny-org/tiny-llama"
+    assert seen == [True]
+    ids = loaded.tokenizer("the cat sat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, _tiny_llama()(ids).logits)
+    assert nm.check_source("tiny-org/tiny-llama") == "tiny-org/tiny-llama"
+
+
+def test_a_hub_id_only_partly_cached_and_an_unreachable_hub(model_dir, no_hub, hub_cache):
+    _cache_repo(hub_cache, "tiny-org/half", model_dir, only={"config.json"})
+    with pytest.raises(ModelLoadError, match="only partly in the Hugging Face cache"):
+        load_model("tiny-org/half", progress=False)
+
+
+def test_check_source_validates_without_loading(model_dir, no_hub, hub_cache, monkeypatch):
+    monkeypatch.setattr(nm, "_load_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    assert nm.check_source(model_dir) == str(model_dir.resolve())
+    assert nm.check_source(BUNDLED_NUDGING_ID) == BUNDLED_NUDGING_ID
+    for bad, match in [("./nope", "does not exist"), ("org/nope", "cannot be reached"),
+                       ("bundled:nope", "unknown bundled model")]:  # fmt: skip
+        with pytest.raises(ModelLoadError, match=match):
+            nm.check_source(bad)
+    _assert_cache_untouched()
+
+
+# --- pickled weights --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pickled_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama-bin")
+    net = _tiny_llama()
+    net.save_pretrained(folder)  # transformers 5 writes safetensors only: swap in a pickle
+    (folder / "model.safetensors").unlink()
+    torch.save(net.state_dict(), folder / "pytorch_model.bin")
+    _tiny_tokenizer().save_pretrained(folder)
+    assert (folder / "pytorch_model.bin").is_file()
+    assert not list(folder.glob("*.safetensors"))
+    return folder
+
+
+def test_pickled_weights_need_allow_pickle(pickled_dir, monkeypatch):
+    monkeypatch.setattr(nm, "_load_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ModelLoadError, match=r"pickled weights \(pytorch_model.bin\)") as caught:
+        load_model(pickled_dir)
+    assert "allow_pickle=True" in str(caught.value)
+    with pytest.raises(ModelLoadError, match="pickled weights"):
+        nm.check_source(pickled_dir)
+    with pytest.raises(ModelLoadError, match="allow_pickle='yes' must be True or False"):
+        load_model(pickled_dir, allow_pickle="yes")  # type: ignore[arg-type]
+
+
+def test_allow_pickle_loads_them(pickled_dir):
+    loaded = load_model(pickled_dir, allow_pickle=True, progress=False)
+    ids = loaded.tokenizer("the cat sat", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, _tiny_llama()(ids).logits)
+
+
+def test_safetensors_are_required_by_from_pretrained_too(pickled_dir):
+    """Even past the folder check (e.g. a folder with both kinds, or a Hub repo)."""
+    with pytest.raises(OSError, match=r"model\.safetensors"):
+        nm._load_pretrained(
+            str(pickled_dir), gguf_file=None, dtype=torch.float32, trust=False, device_map=None,
+            device="cpu", progress=False,
+        )  # fmt: skip
+
+
+def test_a_cached_hub_repo_with_only_pickled_weights(pickled_dir, no_hub, hub_cache):
+    _cache_repo(hub_cache, "tiny-org/pickled", pickled_dir)
+    with pytest.raises(ModelLoadError, match="pickled weights"):
+        load_model("tiny-org/pickled", progress=False)
+    loaded = load_model("tiny-org/pickled", allow_pickle=True, progress=False)
+    assert loaded.name == "tiny-org/pickled"
+
+
+def test_a_chat_model_passes_allow_pickle_through(pickled_dir):
+    from langchain_nudging import NudgedChatModel
+
+    source = str(pickled_dir)
+    refused = NudgedChatModel(model=source, nudging_model=source)
+    with pytest.raises(ModelLoadError, match="allow_pickle=True"):
+        refused.load()
+    assert "allow_pickle" not in refused._load_options()
+    allowed = NudgedChatModel(model=source, nudging_model=source, allow_pickle=True).load()
+    assert allowed._load_one(source).name == str(pickled_dir.resolve())
