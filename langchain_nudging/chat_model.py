@@ -238,7 +238,9 @@ def _model_label(source: Any) -> str:
         return source.name
     if isinstance(source, tuple):
         return "custom"
-    return os.fspath(source)
+    if isinstance(source, str | os.PathLike):
+        return os.fspath(source)
+    return type(source).__name__  # not a source: the call's validation reports it
 
 
 def _check_source(value: Any, field: str) -> Any:

@@ -33,7 +33,9 @@ docs/prompts.md states both rules.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -249,21 +251,50 @@ def marker_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     return sorted((t for t in found if t.strip()), key=lambda t: (-len(t), t))
 
 
+@dataclass(frozen=True, slots=True)
+class _MarkerTable:
+    """A tokenizer's marker strings, arranged for a leftmost-longest scan."""
+
+    by_length: dict[int, frozenset[str]]
+    lengths: tuple[int, ...]  # longest first
+    candidates: re.Pattern[str]  # a character that may start a marker or a placeholder
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> _MarkerTable:
+        try:
+            size = len(tokenizer)  # grows when tokens are added
+        except Exception:
+            size = None
+        cached = _TABLES.get(tokenizer) if size is not None else None
+        if cached is not None and cached[0] == size:
+            return cached[1]
+        strings = marker_strings(tokenizer)
+        groups: dict[int, set[str]] = {}
+        for text in strings:
+            groups.setdefault(len(text), set()).add(text)
+        firsts = "".join(re.escape(c) for c in sorted({text[0] for text in strings}))
+        table = cls(
+            {n: frozenset(g) for n, g in groups.items()},
+            tuple(sorted(groups, reverse=True)),
+            re.compile(f"[{firsts}\U000f0000-\U000f001f]"),
+        )
+        if size is not None:
+            with contextlib.suppress(TypeError):  # a tokenizer that takes no weak reference
+                _TABLES[tokenizer] = (size, table)
+        return table
+
+
+_TABLES: weakref.WeakKeyDictionary[Any, tuple[int, _MarkerTable]] = weakref.WeakKeyDictionary()
+
+
 class _Markers:
     """Hides special-token strings in a chat's text and finds the template's own markers."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        strings = marker_strings(tokenizer)
-        self.by_length: dict[int, frozenset[str]] = {}
-        for text in strings:
-            self.by_length[len(text)] = self.by_length.get(len(text), frozenset()) | {text}
-        self.lengths = sorted(self.by_length, reverse=True)
-        firsts = {text[0] for text in strings}
-        self.candidates = re.compile(
-            "[" + "".join(re.escape(c) for c in sorted(firsts)) + "\U000f0000-\U000f001f]"
-            if firsts
-            else "[\U000f0000-\U000f001f]"
-        )
+        table = _MarkerTable.of(tokenizer)
+        self.by_length = table.by_length
+        self.lengths = table.lengths
+        self.candidates = table.candidates
         self.hidden: list[str] = []  # placeholder index -> the original text
         self.required: set[int] = set()  # placeholders the template must render
 

@@ -420,3 +420,13 @@ def test_an_empty_system_message_is_empty_for_both_models(
     # An empty BasePromptFormat.system is the same explicit empty system.
     empty = BasePromptFormat(system="")
     assert render_prompts([user("Hi")], sp_tokenizer, empty).nudging == prompts.nudging
+
+
+def test_tokens_added_later_are_markers_too(make_tokenizer: MakeTokenizer) -> None:
+    template = "{% for m in messages %}<extra>{{ m.content }}{% endfor %}"
+    tokenizer = make_tokenizer("sp", chat_template=template)
+    assert marked(render_prompts([user("a<extra>")], tokenizer).nudging) == []
+    tokenizer.add_tokens(["<extra>"], special_tokens=True)
+    nudging = render_prompts([user("a<extra>")], tokenizer).nudging
+    assert marked(nudging) == ["<extra>"] * 3  # system, user, the answer; not the user's text
+    assert nudging.controls[1] == (nudging.index("<extra>a"), nudging.index("<extra>a") + 7)
