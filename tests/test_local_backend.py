@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import re
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from typing import Any
 import pytest
 import torch
 from conftest import GEMMA_WINDOW
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from langchain_nudging.algorithm import NudgingRun
 from langchain_nudging.backends.base import Prompt, Token
@@ -547,3 +550,25 @@ def test_nudging_over_cached_sessions_equals_the_oracle(
     assert (run.finish_reason, run.rounds) == (oracle.finish_reason, oracle.rounds)
     assert {s.source for s in segments} == {"base", "nudge"}
     assert run.base.tokens_processed < base_ref.tokens_processed
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.integers(0, 40), st.text(max_size=30)), max_size=25))
+@pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
+@pytest.mark.timeout(120)
+def test_the_session_encoder_tokenizes_as_the_whole_text(
+    loaded_name: str, steps: list[tuple[int, str]], request: pytest.FixtureRequest
+) -> None:
+    """Answers that grow, are cut back and rewritten: the incremental encoder gives the ids
+    of the whole text every time (words and spaces weighted in, to cut at many places)."""
+    loaded = request.getfixturevalue(loaded_name)
+    text = TokenizerText(loaded.tokenizer)
+    assert text.cuts_at_words
+    rendered = "<|im_start|>user\nWhat is it?<|im_end|>\n<|im_start|>assistant\n"
+    marks = [m.span() for m in re.finditer(r"<\|im_(start|end)\|>", rendered)]
+    prompt = Prompt(rendered, marks)  # control tokens for tokenizer B, text for A
+    encoder = text.encoder(prompt)
+    answer = ""
+    for keep, added in steps:
+        answer = answer[: max(0, len(answer) - keep)] + " the quick fox " + added + " jumps"
+        assert encoder.encode(answer) == text.encode(prompt, answer)

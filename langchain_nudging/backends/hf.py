@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import bisect
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from transformers import (
@@ -20,6 +23,35 @@ if TYPE_CHECKING:
 
 _CONTEXT_IDS = 4  # ids decoded before new tokens so that leading spaces come out right
 _INCOMPLETE = "\ufffd"  # what a decoder shows for the bytes of an unfinished UTF-8 character
+
+
+_T = TypeVar("_T")
+# Where text may be cut and tokenized in two pieces: at a single space between two words.
+_WORD_START = re.compile(r"(?<=\w)(?= \w)")
+# A text to check that on, once per tokenizer (docs/reliability.md).
+_SPLIT_SAMPLE = (
+    "Question: What is 1234 * 5678? Answer: Let me think step by step.  First, 1234 * 5000 ="
+    " 6170000; then 1234 * 678 = 836652.\nSo the total is 7006652. Done!\n\n  - item one,"
+    " item two; (three) [four] {five} <tag> </tag> \"quoted\" 'single' don't can't it's"
+    " Café naïve façade über São Paulo Zürich 日本語 の テキスト 東京 Привет, как дела? ☕ 🙂 🚀"
+    " €5 £3 — … def add(a, b): return a + b  # adds\tnumbers   spaced    out ok. www.a.com/x?y=1"
+    " e.g. i.e. U.S.A. 3.14 1,000,000 50% #hash @at $dollar ^caret &amp *star _under_ ~tilde"
+)
+
+
+def common_prefix_length(a: Sequence[_T], b: Sequence[_T]) -> int:
+    """Length of the longest common prefix (slices compared in C, by bisection)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 class PromptTooLongError(ContextWindowError):
@@ -55,6 +87,7 @@ class TokenizerText:
         self._bos = tokenizer.bos_token or None
         #: Control tokens by their text: the added tokens a text never tokenizes to.
         self.control_ids = control_tokens(tokenizer)
+        self._cuts_at_words: bool | None = None
 
     def encode(self, prompt: str, answer: str = "") -> list[int]:
         """Ids of ``prompt + answer``: text throughout, but for the prompt's control markers.
@@ -64,26 +97,50 @@ class TokenizerText:
         answer) is tokenized as the characters it is written with. The tokenizer's BOS is added
         unless the prompt's first marker, at its very start, is that BOS.
         """
-        text = prompt + answer
-        pieces: list[int] = []
+        head, tail_start = self.head(prompt)
+        ids = head + self.encode_plain(prompt[tail_start:] + answer)
+        self.check_fits(ids)
+        return ids
+
+    def encoder(self, prompt: str) -> PromptEncoder:
+        """:meth:`encode` of ``prompt + answer`` for many answers, re-tokenizing only what
+        changed (one per session: it keeps the last text it encoded)."""
+        return PromptEncoder(self, prompt)
+
+    def head(self, prompt: str) -> tuple[list[int], int]:
+        """The ids of ``prompt`` up to the end of its last control marker, and where that is."""
+        ids: list[int] = []
         at = 0
         controls = controls_of(prompt)
         if not (controls and controls[0][0] == 0 and prompt[: controls[0][1]] == self._bos):
-            pieces.extend(self._prefix_ids)
+            ids.extend(self._prefix_ids)
         for start, end in controls:
-            token_id = self.control_ids.get(text[start:end])
+            token_id = self.control_ids.get(prompt[start:end])
             if token_id is None:
                 continue  # not a control token of this tokenizer: the span stays text
-            pieces.extend(self.encode_plain(text[at:start]))
-            pieces.append(token_id)
+            ids.extend(self.encode_plain(prompt[at:start]))
+            ids.append(token_id)
             at = end
-        pieces.extend(self.encode_plain(text[at:]))
-        if self.context_window is not None and len(pieces) >= self.context_window:
+        return ids, at
+
+    def check_fits(self, ids: list[int]) -> None:
+        if self.context_window is not None and len(ids) >= self.context_window:
             raise PromptTooLongError(
-                f"the prompt for {self.name} is {len(pieces)} tokens, but its context window "
+                f"the prompt for {self.name} is {len(ids)} tokens, but its context window "
                 f"holds {self.context_window} (including at least one answer token)"
             )
-        return pieces
+
+    @property
+    def cuts_at_words(self) -> bool:
+        """Whether text cut at a single space between words tokenizes as it does whole
+        (checked on a sample of prose, code, numbers and other scripts, once)."""
+        if self._cuts_at_words is None:
+            whole = self.encode_plain(_SPLIT_SAMPLE)
+            self._cuts_at_words = all(
+                self.encode_plain(_SPLIT_SAMPLE[:c]) + self.encode_plain(_SPLIT_SAMPLE[c:]) == whole
+                for c in (m.start() for m in _WORD_START.finditer(_SPLIT_SAMPLE))
+            )
+        return self._cuts_at_words
 
     def encode_plain(self, text: str) -> list[int]:
         """Ids of ``text`` as text: no BOS, no special-token string parsed as a control token."""
@@ -119,6 +176,56 @@ class TokenizerText:
             return text
         # A cut inside a UTF-8 character keeps the character's first bytes out.
         return self.decode(ids[:max_tokens]).rstrip(_INCOMPLETE)
+
+
+class PromptEncoder:
+    """``prompt + answer`` to ids for one session, re-tokenizing only what changed.
+
+    Equal to :meth:`TokenizerText.encode`. The prompt up to its last control marker is
+    tokenized once. The rest, the prompt's last piece and the answer, is cut at single spaces
+    between two words: where the tokenizer tokenizes text cut there as it tokenizes it whole
+    (checked once per tokenizer, :attr:`TokenizerText.cuts_at_words`), the ids before the last
+    cut that the new text shares with the text encoded before are kept, and only the text
+    after it is tokenized. So a question's cost does not grow with the prompt or the answer.
+    """
+
+    def __init__(self, text: TokenizerText, prompt: str) -> None:
+        self._text = text
+        self._prompt = prompt
+        head, self._tail_start = text.head(prompt)
+        self._head = head
+        self._last = ""  # the last text after the head, its ids, and cuts in it:
+        self._ids: list[int] = []
+        self._cut_at: list[int] = [0]  # character offsets, ascending
+        self._cut_ids: list[int] = [0]  # ids before each
+        self.encode("")  # tokenizes the prompt, and fails on an over-long one
+
+    def encode(self, answer: str) -> list[int]:
+        rest = self._prompt[self._tail_start :] + answer
+        ids = self._head + self._tail_ids(rest)
+        self._text.check_fits(ids)
+        return ids
+
+    def _tail_ids(self, rest: str) -> list[int]:
+        text = self._text
+        if not text.cuts_at_words:
+            return text.encode_plain(rest)
+        # The last cut that both texts share with a word start after it.
+        shared = common_prefix_length(self._last, rest)
+        k = max(0, bisect.bisect_right(self._cut_at, shared - 2) - 1)
+        at, kept = self._cut_at[k], self._ids[: self._cut_ids[k]]
+        del self._cut_at[k + 1 :], self._cut_ids[k + 1 :]
+        # Cut the new text once more near its end, so the next question can reuse it.
+        cuts = [m.start() for m in _WORD_START.finditer(rest, at + 1, max(at + 1, len(rest) - 32))]
+        if cuts:
+            middle = text.encode_plain(rest[at : cuts[-1]])
+            self._cut_at.append(cuts[-1])
+            self._cut_ids.append(len(kept) + len(middle))
+            ids = kept + middle + text.encode_plain(rest[cuts[-1] :])
+        else:
+            ids = kept + text.encode_plain(rest[at:])
+        self._last, self._ids = rest, ids
+        return ids
 
 
 class Detokenizer:

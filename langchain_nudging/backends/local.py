@@ -23,27 +23,13 @@ from transformers.cache_utils import DynamicLayer
 from ..config import SamplingConfig
 from .base import ContextWindowError, Token
 from .grammar import AnswerMatcher, GrammarTokenizer
-from .hf import Detokenizer, TokenChooser, TokenizerText
+from .hf import Detokenizer, TokenChooser, TokenizerText, common_prefix_length
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
 
 Choice = tuple[int, float, float]  # (token id, top-1 probability, top-2 probability)
 _CHOICE = -1  # a trie node's key for the choice after it (token ids are >= 0)
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 CARRY_TOKENS = 3  # a UTF-8 character has at most 4 bytes: tokens a window may run past its size
@@ -173,7 +159,7 @@ class LocalSession:
         self._owner = owner
         self._text = owner.text
         self._prompt = prompt
-        self._text.encode(prompt)  # fail on an over-long prompt before any work
+        self._encoder = owner.text.encoder(prompt)  # fails on an over-long prompt
         self._chooser = TokenChooser(sampling, owner.device)
         # Only a constrained request has a matcher: the others never compute a mask.
         self._matcher: AnswerMatcher | None = owner.grammar.matcher(grammar) if grammar else None
@@ -200,7 +186,7 @@ class LocalSession:
         An answer that tokenizes differently from the longest one's prefix (a boundary that
         re-tokenizing merges) is asked on its own when it is read.
         """
-        all_ids = [self._text.encode(self._prompt, answer) for answer in answers]
+        all_ids = [self._encoder.encode(answer) for answer in answers]
         grammar_ids = {}
         if self._matcher is not None:
             grammar_ids = {
@@ -228,7 +214,7 @@ class LocalSession:
     ) -> list[Token]:
         if first is not None and self._peeked != answer:
             raise ValueError("generate(first=...) must follow peek() of the same answer")
-        ids = self._text.encode(self._prompt, answer)
+        ids = self._encoder.encode(answer)
         path = list(ids)
         grammar_path = self._matcher.answer_ids(answer) if self._matcher is not None else []
         detokenizer = self._text.detokenizer(ids)
@@ -257,7 +243,7 @@ class LocalSession:
         allows: how likely this model is to start writing what the grammar describes."""
         if self._cache is None:
             raise RuntimeError("session is closed")
-        ids = self._text.encode(self._prompt, answer)
+        ids = self._encoder.encode(answer)
         row = self._logits_after(ids, [len(ids)])[0].float()
         matcher = self._owner.grammar.matcher(grammar)
         allowed = matcher.allowed(matcher.answer_ids(answer)).to(row.device)
