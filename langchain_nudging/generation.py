@@ -90,7 +90,9 @@ class Generation:
         self.segments: list[Segment] = []
         self.trace: list[RoundTrace] = []  # a nudged answer's rounds, as they are decided
         self._started = False
+        self._answer = ""
         self._answer_tokens = 0
+        self._counter = pair.base.text.counter()
         # Both prompts must fit their context windows: raise before anything runs.
         prompt_tokens = len(pair.base.text.encode(prompts.base))
         pair.nudging.text.encode(prompts.nudging)
@@ -107,7 +109,7 @@ class Generation:
         pair, stats = self._pair, self.stats
         start = time.perf_counter()
         config, prompts = self.config, self.prompts
-        count, truncate = pair.base.text.count, pair.base.text.truncate
+        count, truncate = pair.base.text.counter().count, pair.base.text.truncate
         sessions: dict[str, LocalSession] = {}
         run: NudgingRun | SoloRun | None = None
         try:
@@ -163,7 +165,8 @@ class Generation:
         # Each segment is charged the tokens it adds to the whole answer, so the two counts add
         # up to the answer's own token count (a segment alone may tokenize differently).
         before = self._answer_tokens
-        self._answer_tokens = self._pair.base.text.count(self.text)
+        self._answer += segment.text
+        self._answer_tokens = self._counter.count(self._answer)
         tokens = self._answer_tokens - before
         words = len(segment.text.split())
         if segment.source == "base":

@@ -102,6 +102,10 @@ class TokenizerText:
         self.check_fits(ids)
         return ids
 
+    def counter(self) -> PromptEncoder:
+        """A :meth:`PromptEncoder.count` for successive texts (one per user: it keeps state)."""
+        return PromptEncoder(self, "")
+
     def encoder(self, prompt: str) -> PromptEncoder:
         """:meth:`encode` of ``prompt + answer`` for many answers, re-tokenizing only what
         changed (one per session: it keeps the last text it encoded)."""
@@ -205,6 +209,11 @@ class PromptEncoder:
         ids = self._head + self._tail_ids(rest)
         self._text.check_fits(ids)
         return ids
+
+    def count(self, text: str) -> int:
+        """Tokens in ``text`` on its own (:meth:`TokenizerText.count`), for an encoder of the
+        empty prompt: successive texts that share a beginning are counted incrementally."""
+        return len(self._tail_ids(text))
 
     def _tail_ids(self, rest: str) -> list[int]:
         text = self._text

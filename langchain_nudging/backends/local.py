@@ -160,6 +160,7 @@ class LocalSession:
         self._text = owner.text
         self._prompt = prompt
         self._encoder = owner.text.encoder(prompt)  # fails on an over-long prompt
+        self._counter = owner.text.counter()
         self._chooser = TokenChooser(sampling, owner.device)
         # Only a constrained request has a matcher: the others never compute a mask.
         self._matcher: AnswerMatcher | None = owner.grammar.matcher(grammar) if grammar else None
@@ -233,7 +234,7 @@ class LocalSession:
             grammar_path.append(token_id)
 
     def count_tokens(self, text: str) -> int:
-        return self._text.count(text)
+        return self._counter.count(text)
 
     def truncate_tokens(self, text: str, max_tokens: int) -> str:
         return self._text.truncate(text, max_tokens)
