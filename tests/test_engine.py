@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import build_gemma, build_llama
 
+from langchain_nudging.algorithm import AnswerWriter
 from langchain_nudging.backends.local import Step, forward_together
 from langchain_nudging.config import NudgingConfig, SamplingConfig
 from langchain_nudging.engine import (
@@ -52,13 +51,6 @@ def engine(pair: NudgingPair) -> Iterator[NudgingEngine]:
 def alone(pair: NudgingPair, question: str, config: NudgingConfig = SHORT, mode: Any = "nudged"):
     generation = pair.generate(ask(question), config, mode)
     return "".join(s.text for s in generation)
-
-
-def wait_idle(engine: NudgingEngine, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while engine.live_requests and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.live_requests == 0
 
 
 def test_threads_get_the_text_they_would_get_alone(
@@ -127,7 +119,7 @@ def test_a_short_request_finishes_while_a_long_one_runs(engine: NudgingEngine) -
     assert not long.done, "the short request waited for the long one"
     events.close()
     assert long.cancelled
-    wait_idle(engine)
+    assert engine.wait_idle(30)
 
 
 def test_cancel_mid_answer_frees_everything(engine: NudgingEngine, pair: NudgingPair) -> None:
@@ -139,7 +131,7 @@ def test_cancel_mid_answer_frees_everything(engine: NudgingEngine, pair: Nudging
     rest = list(events)
     assert isinstance(rest[-1], Finished)
     assert rest[-1].stats.finish_reason == "cancelled"
-    wait_idle(engine)
+    assert engine.wait_idle(30)
     assert engine.live_sessions == 0
     assert engine.submit(ask(QUESTIONS[1]), SHORT).result().text == alone(pair, QUESTIONS[1])
 
@@ -149,7 +141,7 @@ def test_leaving_the_iteration_early_cancels(engine: NudgingEngine) -> None:
     for _event in handle:
         break
     assert handle.cancelled
-    wait_idle(engine)
+    assert engine.wait_idle(30)
     assert engine.live_sessions == 0
 
 
@@ -167,39 +159,42 @@ async def test_cancelling_an_asyncio_consumer_cancels_the_request(engine: Nudgin
     with pytest.raises(asyncio.CancelledError):
         await task
     assert handle.cancelled
-    await asyncio.to_thread(wait_idle, engine)
+    assert await asyncio.to_thread(engine.wait_idle, 30)
     assert engine.live_sessions == 0
 
 
-def exploding(tokenizer: Any) -> Any:
-    """A tokenizer that fails on any text holding "BOOM" once an answer has started."""
-    cls = type(tokenizer)
-
-    def call(self: Any, text: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(text, str) and "BOOM" in text and not text.endswith("assistant\n"):
-            raise ValueError("tokenizer exploded")
-        return cls.__call__(self, text, *args, **kwargs)
-
-    tokenizer.__class__ = type("ExplodingTokenizer", (cls,), {"__call__": call})
-    return tokenizer
+BOOM = "<<boom>>"  # a stop string whose check throws once an answer has started
 
 
-def test_a_failing_request_leaves_the_others_correct(make_tokenizer: Any) -> None:
-    pair = NudgingPair(
-        build_llama(make_tokenizer("byte")), build_gemma(exploding(make_tokenizer("sp")))
-    )
+@pytest.fixture
+def exploding_stop_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests with the stop string ``BOOM`` fail in their own thread, mid-answer."""
+    append = AnswerWriter.append
+
+    def checked(self: AnswerWriter, segment: Any) -> Any:
+        if BOOM in self._config.stop and self.answer:
+            raise ValueError("stop check exploded")
+        return append(self, segment)
+
+    monkeypatch.setattr(AnswerWriter, "append", checked)
+
+
+def test_a_failing_request_leaves_the_others_correct(
+    pair: NudgingPair, exploding_stop_check: None
+) -> None:
     engine = NudgingEngine(pair)
     try:
         expected = {q: alone(pair, q) for q in QUESTIONS}
         handles = {q: engine.submit(ask(q), SHORT) for q in QUESTIONS}
-        bad = engine.submit(ask("BOOM: what now?"), SHORT)
+        boom = NudgingConfig(max_tokens=24, stop=[BOOM])
+        bad = engine.submit(ask("What now?"), boom)
         events = list(bad)
         assert isinstance(events[-1], Failed)
-        assert "tokenizer exploded" in str(events[-1].error)
-        with pytest.raises(ValueError, match="tokenizer exploded"):
-            engine.submit(ask("BOOM again"), SHORT).result()
+        assert "stop check exploded" in str(events[-1].error)
+        with pytest.raises(ValueError, match="stop check exploded"):
+            engine.submit(ask("And again?"), boom).result()
         assert {q: h.result().text for q, h in handles.items()} == expected
-        wait_idle(engine)
+        assert engine.wait_idle(30)
         assert engine.live_sessions == 0
     finally:
         engine.shutdown()
@@ -246,7 +241,7 @@ def test_a_full_queue_is_refused_clearly(pair: NudgingPair) -> None:
             engine.submit(ask(QUESTIONS[2]), SHORT)
         for handle in handles:
             handle.cancel()
-        wait_idle(engine)
+        assert engine.wait_idle(30)
         engine.submit(ask(QUESTIONS[2]), SHORT).result()
     finally:
         engine.shutdown()
@@ -323,7 +318,7 @@ def test_batched_requests_decide_as_they_would_alone(pair: NudgingPair, max_batc
                 continue
             assert batched.text == alone.text
         assert len(excluded) <= 1, f"near-ties excluded: {excluded}"
-        wait_idle(engine)
+        assert engine.wait_idle(30)
         assert engine.live_sessions == 0
     finally:
         engine.shutdown()
