@@ -386,13 +386,15 @@ def test_chunks_carry_provenance_and_the_last_carries_usage(chat: NudgedChatMode
     stats = meta["nudging_stats"]
     assert stats["base_tokens"] > 0
     assert stats["nudge_tokens"] > 0
-    assert stats["base_tokens"] + stats["nudge_tokens"] == 48
+    written = stats["base_tokens"] + stats["nudge_tokens"]
+    # Cut at 48 tokens; a cut inside a character leaves its first bytes (at most 3) out.
+    assert 45 <= written <= 48
     assert stats["rounds"] >= 1
     assert 0 < stats["nudged_share"] < 1
     assert last.usage_metadata == {
         "input_tokens": stats["prompt_tokens"],
-        "output_tokens": 48,
-        "total_tokens": stats["prompt_tokens"] + 48,
+        "output_tokens": written,
+        "total_tokens": stats["prompt_tokens"] + written,
     }
     full = chunks[0]
     for chunk in chunks[1:]:
@@ -410,9 +412,10 @@ def test_invoke_equals_the_joined_stream_and_counts_with_the_base_tokenizer(
     assert "".join(s["text"] for s in segments) == result.content
     answer_ids = llama_a.tokenizer(str(result.content), add_special_tokens=False)["input_ids"]
     assert result.usage_metadata is not None
-    assert result.usage_metadata["output_tokens"] == len(answer_ids) == 48
+    assert result.usage_metadata["output_tokens"] == len(answer_ids)
+    assert 45 <= len(answer_ids) <= 48  # a cut inside a character leaves its first bytes out
     assert result.response_metadata["finish_reason"] == "length"
-    assert chat.get_num_tokens(str(result.content)) == 48
+    assert chat.get_num_tokens(str(result.content)) == len(answer_ids)
 
 
 async def test_ainvoke_and_astream_match_the_sync_answer(chat: NudgedChatModel) -> None:
@@ -630,7 +633,7 @@ async def test_astream_events_carry_provenance(chat: NudgedChatModel) -> None:
     assert len(with_text) >= 2
     assert all(segments_of(c)[0]["source"] in ("base", "nudge") for c in with_text)
     assert streamed[-1].chunk_position == "last"
-    assert output.usage_metadata["output_tokens"] == 48
+    assert 45 <= output.usage_metadata["output_tokens"] <= 48
     assert "".join(s["text"] for s in segments_of(output)) == output.content
 
 
