@@ -644,3 +644,34 @@ def test_loop_rules_are_per_call_options_validated_like_fields() -> None:
         NudgedChatModel(min_repeat_chars=0)
     with pytest.raises(ValueError, match="max_same_nudges"):
         model.invoke("hi", max_same_nudges=0)
+
+
+def test_a_timeout_ends_the_answer_within_one_forward_pass(
+    llama_a: Any, gemma_b: Any, engine: NudgingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long base window (96 tokens) used to run to its end after the timeout fired."""
+    passes, at_cancel = [0], []
+    cancel = RequestHandle.cancel
+
+    def counted_cancel(self: RequestHandle) -> None:
+        at_cancel.append(passes[0])
+        cancel(self)
+
+    def slow_pass(*_: Any) -> None:
+        passes[0] += 1
+        time.sleep(0.02)
+
+    monkeypatch.setattr(RequestHandle, "cancel", counted_cancel)
+    hooks = [m.model.register_forward_pre_hook(slow_pass) for m in (llama_a, gemma_b)]
+    try:
+        chat = NudgedChatModel(
+            model=llama_a, nudging_model=gemma_b, max_tokens=400, chunk_tokens=96, mode="base"
+        )
+        with pytest.raises(TimeoutError):
+            chat.invoke(STORY, timeout=0.3)
+        wait_idle(engine)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert at_cancel
+    assert passes[0] - at_cancel[0] <= 1, (passes[0], at_cancel)
