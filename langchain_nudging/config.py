@@ -22,7 +22,10 @@ class SamplingConfig(BaseModel):
     )
     top_k: int = Field(default=0, ge=0, description="Keep the k most likely tokens; 0 = all.")
     seed: int | None = Field(
-        default=None, ge=0, description="Seed of this model's random generator (sampling only)."
+        default=None,
+        ge=0,
+        le=2**64 - 1,
+        description="Seed of this model's random generator (sampling only); in [0, 2**64 - 1].",
     )
 
     @property

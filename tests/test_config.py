@@ -169,3 +169,9 @@ def test_field_descriptions_state_the_allowed_range() -> None:
     assert "[1, 4096]" in (fields["draft_tokens"].description or "")
     assert "[1, 4096]" in (fields["chunk_tokens"].description or "")
     assert "(0, 1]" in (SamplingConfig.model_fields["top_p"].description or "")
+
+
+def test_a_seed_beyond_64_bits_is_refused_at_construction() -> None:
+    assert SamplingConfig(seed=2**64 - 1).seed == 2**64 - 1
+    with pytest.raises(ValidationError, match="seed"):
+        SamplingConfig(seed=2**64)  # torch's generators take 64-bit seeds
