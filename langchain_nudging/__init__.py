@@ -4,6 +4,7 @@ from ._version import __version__
 from .algorithm import NudgingRun, Segment
 from .chat_model import NudgedChatModel
 from .config import NudgingConfig, SamplingConfig
+from .engine import EngineBusyError, EngineClosedError, EngineWorkerError
 from .generation import Generation, GenerationStats, NudgingPair
 from .models import (
     BUNDLED_BASE_ID,
@@ -20,6 +21,9 @@ __all__ = [
     "BUNDLED_NUDGING_ID",
     "BasePromptFormat",
     "ChatMessage",
+    "EngineBusyError",
+    "EngineClosedError",
+    "EngineWorkerError",
     "Generation",
     "GenerationStats",
     "LoadedModel",
