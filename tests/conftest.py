@@ -304,3 +304,43 @@ def force_next(loaded: LoadedModel, script: Mapping[int, int]) -> Iterator[None]
     finally:
         for handle in handles:
             handle.remove()
+
+
+# -- a tiny pair and an engine over it, shared by the engine tests ----------------------------
+
+BOOM = "<<boom>>"  # a stop string whose check throws once an answer has started
+
+
+@pytest.fixture(scope="module")
+def pair(llama_a: LoadedModel, gemma_b: LoadedModel) -> Any:
+    from langchain_nudging.generation import NudgingPair
+
+    return NudgingPair(llama_a, gemma_b)
+
+
+@pytest.fixture
+def engine(pair: Any) -> Iterator[Any]:
+    """An engine of its own over the tiny pair; it must shut down cleanly."""
+    from langchain_nudging.engine import NudgingEngine
+
+    engine = NudgingEngine(pair)
+    yield engine
+    assert engine.shutdown(timeout=30)
+    assert engine.live_requests == 0
+    assert engine.live_sessions == 0
+
+
+@pytest.fixture
+def exploding_stop_check(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Requests with the returned stop string fail in their own thread, mid-answer."""
+    from langchain_nudging.algorithm import AnswerWriter
+
+    append = AnswerWriter.append
+
+    def checked(self: AnswerWriter, segment: Any) -> Any:
+        if BOOM in self._config.stop and self.answer:
+            raise ValueError("stop check exploded")
+        return append(self, segment)
+
+    monkeypatch.setattr(AnswerWriter, "append", checked)
+    return BOOM

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from langchain_nudging.algorithm import AnswerWriter
 from langchain_nudging.backends.local import Step, forward_together
 from langchain_nudging.config import NudgingConfig, SamplingConfig
 from langchain_nudging.engine import (
@@ -32,20 +30,6 @@ STORY = "Tell me a story."  # runs to max_tokens on the tiny pair
 
 def ask(question: str) -> list[ChatMessage]:
     return [ChatMessage("user", question)]
-
-
-@pytest.fixture(scope="module")
-def pair(llama_a: Any, gemma_b: Any) -> NudgingPair:
-    return NudgingPair(llama_a, gemma_b)
-
-
-@pytest.fixture
-def engine(pair: NudgingPair) -> Iterator[NudgingEngine]:
-    engine = NudgingEngine(pair)
-    yield engine
-    engine.shutdown()
-    assert engine.live_requests == 0
-    assert engine.live_sessions == 0
 
 
 def alone(pair: NudgingPair, question: str, config: NudgingConfig = SHORT, mode: Any = "nudged"):
@@ -163,30 +147,14 @@ async def test_cancelling_an_asyncio_consumer_cancels_the_request(engine: Nudgin
     assert engine.live_sessions == 0
 
 
-BOOM = "<<boom>>"  # a stop string whose check throws once an answer has started
-
-
-@pytest.fixture
-def exploding_stop_check(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Requests with the stop string ``BOOM`` fail in their own thread, mid-answer."""
-    append = AnswerWriter.append
-
-    def checked(self: AnswerWriter, segment: Any) -> Any:
-        if BOOM in self._config.stop and self.answer:
-            raise ValueError("stop check exploded")
-        return append(self, segment)
-
-    monkeypatch.setattr(AnswerWriter, "append", checked)
-
-
 def test_a_failing_request_leaves_the_others_correct(
-    pair: NudgingPair, exploding_stop_check: None
+    pair: NudgingPair, exploding_stop_check: str
 ) -> None:
     engine = NudgingEngine(pair)
     try:
         expected = {q: alone(pair, q) for q in QUESTIONS}
         handles = {q: engine.submit(ask(q), SHORT) for q in QUESTIONS}
-        boom = NudgingConfig(max_tokens=24, stop=[BOOM])
+        boom = NudgingConfig(max_tokens=24, stop=[exploding_stop_check])
         bad = engine.submit(ask("What now?"), boom)
         events = list(bad)
         assert isinstance(events[-1], Failed)

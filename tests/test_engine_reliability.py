@@ -8,14 +8,13 @@ import asyncio
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 from langchain_nudging import engine as engine_module
-from langchain_nudging.algorithm import AnswerWriter
 from langchain_nudging.backends.local import LocalModel, Step
 from langchain_nudging.config import NudgingConfig
 from langchain_nudging.engine import (
@@ -36,25 +35,10 @@ SHORT = NudgingConfig(max_tokens=24)
 # One base window is 96 forward passes: cancelling between segments would take them all.
 WINDOW = NudgingConfig(max_tokens=1500, chunk_tokens=96, max_rounds=1000, min_repeat_chars=100_000)
 STORY = "Tell me a story."
-BOOM = "<<boom>>"  # a stop string whose check throws once an answer has started
 
 
 def ask(question: str) -> list[ChatMessage]:
     return [ChatMessage("user", question)]
-
-
-@pytest.fixture(scope="module")
-def pair(llama_a: Any, gemma_b: Any) -> NudgingPair:
-    return NudgingPair(llama_a, gemma_b)
-
-
-@pytest.fixture
-def engine(pair: NudgingPair) -> Iterator[NudgingEngine]:
-    engine = NudgingEngine(pair)
-    yield engine
-    assert engine.shutdown(timeout=30)
-    assert engine.live_requests == 0
-    assert engine.live_sessions == 0
 
 
 def alone(pair: NudgingPair, question: str, config: NudgingConfig = SHORT) -> str:
@@ -303,18 +287,10 @@ async def test_aresult_after_the_end_was_read_returns_the_kept_end(
             pass
 
 
-def test_a_kept_failure_is_raised_again(
-    engine: NudgingEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    append = AnswerWriter.append
-
-    def checked(self: AnswerWriter, segment: Any) -> Any:
-        if BOOM in self._config.stop and self.answer:
-            raise ValueError("stop check exploded")
-        return append(self, segment)
-
-    monkeypatch.setattr(AnswerWriter, "append", checked)
-    handle = engine.submit(ask(QUESTIONS[2]), NudgingConfig(max_tokens=24, stop=[BOOM]))
+def test_a_kept_failure_is_raised_again(engine: NudgingEngine, exploding_stop_check: str) -> None:
+    handle = engine.submit(
+        ask(QUESTIONS[2]), NudgingConfig(max_tokens=24, stop=[exploding_stop_check])
+    )
     for _ in range(2):
         with pytest.raises(ValueError, match="stop check exploded"):
             within(30, handle.result)
