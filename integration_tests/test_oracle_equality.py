@@ -16,11 +16,10 @@ of gamma. Each test compares at least eight prompts itself.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair, NudgingRun
 from langchain_nudging.engine import NudgingEngine
@@ -104,18 +103,9 @@ def reference_ties(run: NudgingRun) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def runs(pair: NudgingPair) -> Iterator[dict[str, Runs]]:
-    """Every prompt once through the library and both oracles (the tier's cost: printed).
-
-    One intra-op thread while this module runs: on a machine whose two cores other processes
-    share, thread hand-offs made the oracles' many small passes ten times slower.
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield _run_all(pair)
-    finally:
-        torch.set_num_threads(threads)
+def runs(pair: NudgingPair) -> dict[str, Runs]:
+    """Every prompt once through the library and both oracles (the tier's cost: printed)."""
+    return _run_all(pair)
 
 
 def _run_all(pair: NudgingPair) -> dict[str, Runs]:

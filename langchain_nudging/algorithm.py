@@ -300,7 +300,8 @@ class NudgingRun(_Run):
         config = self.config
         writer = self.writer
         handover: float | None = None
-        last_nudge, same_nudges = "", 0
+        last_nudge: str | None = None  # no nudge yet: the first one repeats nothing
+        same_nudges = 0
         while not writer.done:
             if self.rounds >= config.max_rounds:
                 yield from writer.finish("round_cap")

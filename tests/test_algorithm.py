@@ -1134,3 +1134,11 @@ def test_every_solo_run_ends_and_keeps_its_rules(
     _check_outcome(run, segments, config)
     assert "\nQuestion:" not in run.text
     assert len(base.generates) <= config.max_tokens
+
+
+def test_the_first_nudge_repeats_nothing_even_when_empty() -> None:
+    # A draft of one empty token: the first round appends nothing, and is no repeat yet.
+    run = NudgingRun(ScriptedBase(), ScriptedNudge({"": [""]}), NudgingConfig(max_same_nudges=1))
+    assert list(run) == []
+    assert run.finish_reason == "repetition"
+    assert run.rounds == 2
