@@ -140,52 +140,58 @@ class AnswerWriter:
         return self._sources[bisect.bisect_right(self._starts, index) - 1]
 
     def _apply_rules(self, text: str, start: int) -> tuple[int, FinishReason | None]:
-        """Where ``text`` must end and why; the earliest cut of all rules wins."""
+        """Where ``text`` must end and why: the earliest cut of all rules wins, and at the same
+        place a stop string or turn marker wins over the length cap, and that over repetition."""
         config = self._config
-        cuts: list[tuple[int, FinishReason]] = []
+        cuts: list[tuple[int, int, FinishReason]] = []  # (where, precedence, why)
         # Held-back text is shorter than any stop string, so new matches start after this.
         hits = [text.find(s, max(0, start - len(s) + 1)) for s in config.stop]
         if any(index != -1 for index in hits):
-            cuts.append((min(index for index in hits if index != -1), "stop"))
+            cuts.append((min(index for index in hits if index != -1), 0, "stop"))
         # A token holds at least one byte: shorter texts cannot reach the cap.
         if (
             len(text.encode()) >= config.max_tokens
             and self._count_tokens(text) >= config.max_tokens
         ):
             cut = self._truncate_tokens(text, config.max_tokens)
-            cuts.append((len(cut) if cut.startswith(text[:start]) else start, "length"))
+            cuts.append((len(cut) if cut.startswith(text[:start]) else start, 2, "length"))
         end, minimum = len(text), config.min_repeat_chars
         while end > start and (length := repeated_suffix_length(text[:end], minimum)):
             end = max(end - length, start)  # streamed text is never taken back
-            cuts.append((end, "repetition"))
-        before = min((cut[0] for cut in cuts), default=len(text))
+            cuts.append((end, 3, "repetition"))
+        # A marker is judged only where no earlier rule cuts (a stop string at the same place
+        # cuts first; the length cap and repetition do not).
+        before = min((where + (precedence > 0) for where, precedence, _ in cuts), default=len(text))
         marker = self._marker_cut(text, start, before)
         if marker is not None:
-            cuts.append((marker, "stop"))
+            cuts.append((marker, 1, "stop"))
         if not cuts:
             return len(text), None
-        return min(cuts, key=lambda cut: cut[0])
+        where, _, why = min(cuts)
+        return where, why
 
     def _marker_cut(self, text: str, start: int, before: int) -> int | None:
-        """The first turn marker before ``before`` that ends the answer (rule 8), if any.
+        """The first turn marker that starts before ``before`` and ends the answer (rule 8).
 
         Only a marker whose label the base model wrote is asked about, and each occurrence is
         asked once: one judged to be content stays content.
         """
         if self._marker_ends is None:
             return None
-        found: list[int] = []
+        found: list[tuple[int, str]] = []
         for marker in self._markers:
-            label = len(marker) - len(marker.lstrip())
             index = text.find(marker, max(0, start - len(marker) + 1))
             while index != -1 and index < before:
-                if index not in self._content_markers and self.source_at(index + label) == "base":
-                    if self._marker_ends(text[:index], marker):
-                        found.append(index)
-                        break
-                    self._content_markers.add(index)
+                found.append((index, marker))
                 index = text.find(marker, index + 1)
-        return min(found, default=None)
+        for index, marker in sorted(found):
+            label = index + len(marker) - len(marker.lstrip())
+            if index in self._content_markers or self.source_at(label) != "base":
+                continue
+            if self._marker_ends(text[:index], marker):
+                return index
+            self._content_markers.add(index)
+        return None
 
     def _held_back(self) -> int:
         longest = 0
