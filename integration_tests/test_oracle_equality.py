@@ -29,6 +29,9 @@ from langchain_nudging.reference import ReferenceModel, reference_nudge
 
 NEAR_TIE = 1e-4
 MIN_COMPARED = 8
+# The first test's setup answers every prompt with the library and both oracles: about 12
+# minutes on two cores (the oracles re-read the whole prompt for every question).
+pytestmark = pytest.mark.timeout(1800)
 U, A, S = "user", "assistant", "system"
 PROMPTS: dict[str, list[ChatMessage]] = {
     "open": [ChatMessage(U, "Give me three tips for staying healthy.")],
