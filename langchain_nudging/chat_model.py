@@ -933,7 +933,7 @@ class NudgedChatModel(BaseChatModel):
             if timer is not None:
                 timer.cancel()
             if not handle.done:
-                handle.cancel()  # at once: the engine drops the request at its next step
+                handle.cancel()  # at once: the request ends within one forward pass
             await events.aclose()
 
     def _generate(
