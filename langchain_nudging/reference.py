@@ -16,8 +16,7 @@ from transformers import GenerationConfig
 
 from .algorithm import NudgingRun
 from .backends.base import Token
-from .backends.hf import TokenChooser, TokenizerText
-from .backends.local import CARRY_TOKENS, StopFinder, window_full
+from .backends.hf import CARRY_TOKENS, StopFinder, TokenChooser, TokenizerText, window_full
 from .config import NudgingConfig, SamplingConfig
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from ..config import SamplingConfig
-from .base import ContextWindowError, controls_of
+from .base import ContextWindowError, Token, controls_of
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -285,6 +285,35 @@ class Detokenizer:
             self._context, self._before = self._start(self._context + self._new)
             self._new = []
         return added
+
+
+CARRY_TOKENS = 3  # a UTF-8 character has at most 4 bytes: tokens a window may run past its size
+
+
+def window_full(tokens: Sequence[Token], size: int, detokenizer: Detokenizer) -> bool:
+    """A window of ``size`` tokens is full, unless its last token left a character open
+    (then it goes on for up to :data:`CARRY_TOKENS` more, docs/algorithm.md rule 7)."""
+    if len(tokens) < size:
+        return False
+    return not detokenizer.incomplete or len(tokens) >= size + CARRY_TOKENS
+
+
+class StopFinder:
+    """Finds the first occurrence of a stop string that ends in text added after ``answer``."""
+
+    def __init__(self, stop: Sequence[str], answer: str) -> None:
+        self._stop = tuple(stop)
+        self._keep = max((len(s) for s in self._stop), default=1) - 1
+        self._tail = answer[-self._keep :] if self._keep else ""
+
+    def found(self, text: str) -> bool:
+        if not self._stop or not text:
+            return False
+        window = self._tail + text
+        old = len(self._tail)
+        hit = any(window.find(s, max(0, old - len(s) + 1)) != -1 for s in self._stop)
+        self._tail = window[-self._keep :] if self._keep else ""
+        return hit
 
 
 def control_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
