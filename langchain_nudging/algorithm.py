@@ -436,7 +436,11 @@ class SoloRun(_Run):
         solo = config.model_copy(update={"stop": self._stop})
         self.writer = AnswerWriter(solo, count_tokens, truncate_tokens)
         self.rounds = 0
-        self.windows = 0
+
+    @property
+    def windows(self) -> int:  # type: ignore[override]
+        """A solo run's rounds are its windows."""
+        return self.rounds
 
     def __iter__(self) -> Iterator[Segment]:
         writer = self.writer
@@ -446,7 +450,6 @@ class SoloRun(_Run):
                     yield from writer.finish("length")
                     return
                 self.rounds += 1
-                self.windows += 1
                 size = self._window_size(writer.answer)
                 window = self.session.generate(writer.answer, size, stop=self._stop)
                 taken = [t for t in window if not t.is_eos]

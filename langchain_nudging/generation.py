@@ -109,7 +109,8 @@ class Generation:
         pair, stats = self._pair, self.stats
         start = time.perf_counter()
         config, prompts = self.config, self.prompts
-        count, truncate = pair.base.text.counter().count, pair.base.text.truncate
+        # The statistics' counter also counts for a solo run's writer: one incremental count.
+        count, truncate = self._counter.count, pair.base.text.truncate
         sessions: dict[str, LocalSession] = {}
         run: NudgingRun | SoloRun | None = None
         try:
