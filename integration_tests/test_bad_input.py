@@ -133,7 +133,7 @@ def test_garbage_through_the_chat_model_fails_before_loading() -> None:
     from langchain_core.messages import HumanMessage
 
     from langchain_nudging import NudgedChatModel
-    from langchain_nudging import chat_model as cm
+    from langchain_nudging.chat import model as cm
 
     with pytest.raises(ValueError, match="gamma"):
         NudgedChatModel(gamma=1e300)

@@ -26,7 +26,7 @@ from langgraph.graph import START, MessagesState, StateGraph
 from rank_bm25 import BM25Okapi
 
 from langchain_nudging import NudgedChatModel, NudgingPair
-from langchain_nudging.engine import NudgingEngine, RequestHandle, shared_engine
+from langchain_nudging.serving.engine import NudgingEngine, RequestHandle, shared_engine
 
 # -- the model -------------------------------------------------------------------------------
 

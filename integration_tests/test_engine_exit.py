@@ -14,7 +14,7 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 SCRIPT = textwrap.dedent(
     """
     from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
-    from langchain_nudging.engine import NudgingEngine
+    from langchain_nudging.serving.engine import NudgingEngine
 
     engine = NudgingEngine(NudgingPair.load(progress=False))
     handle = engine.submit(
@@ -37,7 +37,7 @@ TINY = textwrap.dedent(
     import conftest
     from transformers import PreTrainedTokenizerFast
     from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
-    from langchain_nudging.engine import NudgingEngine
+    from langchain_nudging.serving.engine import NudgingEngine
 
     PASS, HANG = {seconds!r}, {hang!r}
     byte = PreTrainedTokenizerFast(

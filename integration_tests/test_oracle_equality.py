@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import pytest
 
 from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair, NudgingRun
-from langchain_nudging.engine import NudgingEngine
+from langchain_nudging.serving.engine import NudgingEngine
 from langchain_nudging.oracle import OracleResult, independent_nudge
 from langchain_nudging.prompts import render_prompts
 from langchain_nudging.reference import ReferenceModel, reference_nudge

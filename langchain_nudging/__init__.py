@@ -2,10 +2,10 @@
 
 from ._version import __version__
 from .algorithm import NudgingRun, Segment
-from .chat_model import NudgedChatModel
+from .chat import NudgedChatModel
 from .config import NudgingConfig, SamplingConfig
-from .engine import EngineBusyError, EngineClosedError, EngineWorkerError
-from .generation import Generation, GenerationStats, NudgingPair
+from .serving.engine import EngineBusyError, EngineClosedError, EngineWorkerError
+from .serving.generation import Generation, GenerationStats, NudgingPair
 from .models import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,

@@ -19,10 +19,10 @@ from rich.text import Text
 
 from .algorithm import Mode, Segment
 from .config import NudgingConfig, SamplingConfig
-from .engine import Failed, NudgingEngine, RequestHandle
+from .serving.engine import Failed, NudgingEngine, RequestHandle
 from .evaluation.scoring import ScoringSetupError
 from .evaluation.tasks import DATA_ENV_VAR, TASKS
-from .generation import GenerationStats, NudgingPair
+from .serving.generation import GenerationStats, NudgingPair
 from .models import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,

@@ -33,6 +33,12 @@ class SamplingConfig(BaseModel):
         return self.temperature == 0.0
 
 
+def confident(top1_prob: float, gamma: float) -> bool:
+    """gamma's rule, the one place it is written: the base model may write a token when its
+    top-1 probability is at least gamma (a probability equal to gamma is confident)."""
+    return top1_prob >= gamma
+
+
 class NudgingConfig(BaseModel):
     """Every knob of the nudging algorithm (docs/algorithm.md states the rules).
 
@@ -101,6 +107,14 @@ class NudgingConfig(BaseModel):
     stop: tuple[str, ...] = Field(
         default=(), description="Stop strings searched in the joined answer (not included)."
     )
+    repetition_stops: bool = Field(
+        default=True,
+        description=(
+            "Whether the answer-level repetition rules (min_repeat_chars, max_same_nudges) "
+            "apply. JSON-only answers turn them off: a repeated suffix would end the answer "
+            "inside its JSON; the grammar's string cap and max_tokens bound loops instead."
+        ),
+    )
     base_sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     nudging_sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
@@ -119,3 +133,19 @@ class NudgingConfig(BaseModel):
         if any(s == "" for s in value):
             raise ValueError("stop strings must be non-empty")
         return tuple(dict.fromkeys(value))
+
+
+#: The algorithm's scalar knobs, each declared once above: the chat model's fields and per-call
+#: options, the CLI's flags and the evaluation settings are derived from these.
+ALGORITHM_KNOBS: tuple[str, ...] = (
+    "gamma",
+    "draft_tokens",
+    "chunk_tokens",
+    "max_tokens",
+    "max_rounds",
+    "max_same_nudges",
+    "loop_passage_words",
+    "min_repeat_chars",
+)
+#: The sampling knobs (SamplingConfig), applied to both models unless set per model.
+SAMPLING_KNOBS: tuple[str, ...] = ("temperature", "top_p", "top_k", "seed")

@@ -313,7 +313,7 @@ BOOM = "<<boom>>"  # a stop string whose check throws once an answer has started
 
 @pytest.fixture(scope="module")
 def pair(llama_a: LoadedModel, gemma_b: LoadedModel) -> Any:
-    from langchain_nudging.generation import NudgingPair
+    from langchain_nudging.serving.generation import NudgingPair
 
     return NudgingPair(llama_a, gemma_b)
 
@@ -321,7 +321,7 @@ def pair(llama_a: LoadedModel, gemma_b: LoadedModel) -> Any:
 @pytest.fixture
 def engine(pair: Any) -> Iterator[Any]:
     """An engine of its own over the tiny pair; it must shut down cleanly."""
-    from langchain_nudging.engine import NudgingEngine
+    from langchain_nudging.serving.engine import NudgingEngine
 
     engine = NudgingEngine(pair)
     yield engine

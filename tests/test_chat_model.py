@@ -25,9 +25,9 @@ from langchain_core.messages import ChatMessage as LangChainChatMessage
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_nudging import NudgedChatModel
-from langchain_nudging import chat_model as cm
+from langchain_nudging.chat import model as cm
 from langchain_nudging.config import SamplingConfig
-from langchain_nudging.engine import NudgingEngine, RequestHandle, shared_engine
+from langchain_nudging.serving.engine import NudgingEngine, RequestHandle, shared_engine
 from langchain_nudging.prompts import ChatMessage
 
 STORY = "Tell me a story."  # runs for hundreds of tokens on the tiny pair

@@ -10,7 +10,7 @@ import pytest
 
 from langchain_nudging.backends.local import Step, forward_together
 from langchain_nudging.config import NudgingConfig, SamplingConfig
-from langchain_nudging.engine import (
+from langchain_nudging.serving.engine import (
     EngineBusyError,
     EngineClosedError,
     Failed,
@@ -19,7 +19,7 @@ from langchain_nudging.engine import (
     SegmentEvent,
     _Pass,
 )
-from langchain_nudging.generation import NudgingPair
+from langchain_nudging.serving.generation import NudgingPair
 from langchain_nudging.prompts import ChatMessage
 
 QUESTIONS = ["What is the capital of France?", "Tell me a story.", "Why is the sky blue?"]

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from langchain_nudging import engine as engine_module
+from langchain_nudging.serving import engine as engine_module
 from langchain_nudging.backends.local import LocalModel, Step
 from langchain_nudging.config import NudgingConfig
-from langchain_nudging.engine import (
+from langchain_nudging.serving.engine import (
     EngineWorkerError,
     Failed,
     Finished,
@@ -25,7 +25,7 @@ from langchain_nudging.engine import (
     RequestHandle,
     SegmentEvent,
 )
-from langchain_nudging.generation import NudgingPair
+from langchain_nudging.serving.generation import NudgingPair
 from langchain_nudging.prompts import ChatMessage
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,7 +13,7 @@ from langchain_nudging.config import NudgingConfig
 from langchain_nudging.evaluation import EvalSettings, RunMismatchError, run_eval
 from langchain_nudging.evaluation.report import write_report
 from langchain_nudging.evaluation.tasks import get_task
-from langchain_nudging.generation import NudgingPair
+from langchain_nudging.serving.generation import NudgingPair
 from langchain_nudging.prompts import ChatMessage
 
 QUESTIONS = ["What is 2 + 3?", "Tom has 4 apples and eats 1. How many are left?", "What is 6 * 7?"]

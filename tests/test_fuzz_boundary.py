@@ -19,7 +19,7 @@ from langchain_core.messages import ChatMessage as LangChainChatMessage
 from pydantic import ValidationError
 
 from langchain_nudging import NudgedChatModel, cli
-from langchain_nudging import chat_model as cm
+from langchain_nudging.chat import model as cm
 from langchain_nudging.config import NudgingConfig, SamplingConfig
 from langchain_nudging.prompts import ChatMessage, render_prompts
 from langchain_nudging.structured import ToolCall

@@ -14,7 +14,7 @@ import pytest
 from langchain_nudging.backends.hf import TokenizerText
 from langchain_nudging.backends.local import LocalModel
 from langchain_nudging.config import NudgingConfig, SamplingConfig
-from langchain_nudging.generation import NudgingPair
+from langchain_nudging.serving.generation import NudgingPair
 from langchain_nudging.prompts import ChatMessage, render_prompts
 from langchain_nudging.reference import ReferenceModel
 

@@ -17,7 +17,7 @@ from typing_extensions import TypedDict
 from langchain_nudging import NudgedChatModel, NudgingConfig, NudgingPair
 from langchain_nudging.backends.grammar import GrammarViolationError
 from langchain_nudging.backends.local import LocalModel
-from langchain_nudging.chat_tools import ToolCallStream, output_spec, tool_choice_name
+from langchain_nudging.chat.tools import ToolCallStream, output_spec, tool_choice_name
 from langchain_nudging.config import SamplingConfig
 from langchain_nudging.prompts import ChatMessage, render_prompts
 from langchain_nudging.structured import (

@@ -24,8 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from ..algorithm import Mode
 from ..config import NudgingConfig
-from ..engine import NudgingEngine
-from ..generation import NudgingPair
+from ..serving.engine import NudgingEngine
+from ..serving.generation import NudgingPair
 from ..prompts import ChatMessage
 from .scoring import score
 from .tasks import TASKS, Example, Task, get_task, load_examples, sample

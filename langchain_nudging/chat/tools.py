@@ -19,7 +19,7 @@ from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, Runn
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
 
-from .structured import (
+from ..structured import (
     IncompleteAnswerError,
     OutputSpec,
     ToolSpec,

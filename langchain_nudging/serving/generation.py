@@ -11,12 +11,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .algorithm import Mode, NudgingRun, RoundTrace, Segment, SoloRun
-from .backends.local import LocalModel, LocalSession
-from .config import NudgingConfig
-from .models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, LoadedModel, load_model
-from .prompts import BasePromptFormat, ChatMessage, render_prompts
-from .structured import OutputSpec
+from ..algorithm import Mode, NudgingRun, RoundTrace, Segment, SoloRun
+from ..backends.local import LocalModel, LocalSession
+from ..config import NudgingConfig
+from ..models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, LoadedModel, load_model
+from ..prompts import BasePromptFormat, ChatMessage, render_prompts
+from ..structured import OutputSpec
 
 
 @dataclass

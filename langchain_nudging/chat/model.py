@@ -2,7 +2,7 @@
 
 It turns LangChain messages into :class:`~langchain_nudging.prompts.ChatMessage` objects, builds a
 :class:`~langchain_nudging.config.NudgingConfig`, submits the request to the process-wide engine
-of the loaded pair (:func:`~langchain_nudging.engine.shared_engine`) and maps the engine's events
+of the loaded pair (:func:`~langchain_nudging.serving.engine.shared_engine`) and maps the engine's events
 to ``ChatGenerationChunk`` objects: one chunk per segment, then a last, empty chunk with the
 usage and response metadata. Generation runs on the engine's threads; ``_astream`` awaits
 the engine's events on the caller's event loop, which is never blocked by a forward pass.
@@ -53,8 +53,8 @@ from pydantic import (
 )
 from typing_extensions import Self
 
-from .algorithm import Mode
-from .chat_tools import (
+from ..algorithm import Mode
+from .tools import (
     METHODS,
     StructuredMethod,
     ToolCallStream,
@@ -63,9 +63,9 @@ from .chat_tools import (
     schema_name,
     structured_output,
 )
-from .config import NudgingConfig, SamplingConfig
-from .engine import Failed, Finished, NudgingEngine, RequestHandle, SegmentEvent, shared_engine
-from .models import (
+from ..config import NudgingConfig, SamplingConfig
+from ..serving.engine import Failed, Finished, NudgingEngine, RequestHandle, SegmentEvent, shared_engine
+from ..models import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,
     LoadedModel,
@@ -73,8 +73,8 @@ from .models import (
     resolve_device,
     resolve_dtype,
 )
-from .prompts import DEFAULT_SYSTEM, BasePromptFormat, ChatMessage, Role, normalize
-from .structured import IncompleteAnswerError, OutputSpec, ToolCall
+from ..prompts import DEFAULT_SYSTEM, BasePromptFormat, ChatMessage, Role, normalize
+from ..structured import IncompleteAnswerError, OutputSpec, ToolCall
 
 # Constraints shared by the fields and the per-call options, so both fail the same way.
 Gamma = Annotated[float, Field(ge=0.0, le=1.0)]

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from .algorithm import Mode, Segment
-from .backends.local import LocalModel, Step, forward_together, serve_passes_through
-from .config import NudgingConfig
+from ..algorithm import Mode, Segment
+from ..backends.local import LocalModel, Step, forward_together, serve_passes_through
+from ..config import NudgingConfig
 from .generation import Generation, GenerationStats, NudgingPair
-from .models import LoadedModel
-from .prompts import BasePromptFormat, ChatMessage
-from .structured import OutputSpec
+from ..models import LoadedModel
+from ..prompts import BasePromptFormat, ChatMessage
+from ..structured import OutputSpec
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Serving: the pair answering requests (generation) and the engine that schedules them."""
