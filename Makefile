@@ -44,9 +44,12 @@ EVAL_ARGS ?= --task ifeval gsm8k --limit 5 --max-tokens 128
 eval: $(VENV)/.installed-eval
 	$(BIN)/nudging eval --data $(EVAL_DATA) --out eval-out $(EVAL_ARGS)
 
+# Style, the layer rules (pyproject's [tool.importlinter]) and types (mypy, strict on the core).
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check langchain_nudging tests integration_tests benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests

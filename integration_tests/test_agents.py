@@ -23,6 +23,10 @@ from pydantic import BaseModel, Field
 
 from langchain_nudging import NudgedChatModel, NudgingPair
 
+# A loop is three to four answers of the bundled pair, the first constrained by a grammar
+# built for its tools: minutes on two shared cores.
+pytestmark = pytest.mark.timeout(600)
+
 CITIES: list[str] = []
 
 

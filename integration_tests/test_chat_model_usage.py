@@ -26,7 +26,9 @@ from langgraph.graph import START, MessagesState, StateGraph
 from rank_bm25 import BM25Okapi
 
 from langchain_nudging import NudgedChatModel, NudgingPair
-from langchain_nudging.serving.engine import NudgingEngine, RequestHandle, shared_engine
+from langchain_nudging.serving.engine import NudgingEngine
+from langchain_nudging.serving.handle import RequestHandle
+from langchain_nudging.serving.shared import shared_engine
 
 # -- the model -------------------------------------------------------------------------------
 
@@ -39,27 +41,14 @@ def model(pair: NudgingPair) -> NudgedChatModel:
 
 @pytest.fixture
 def engine(pair: NudgingPair) -> Iterator[NudgingEngine]:
-    engine = shared_engine(pair.base.loaded, pair.nudging.loaded)
+    engine = shared_engine(pair.base, pair.nudging)
     yield engine
-    wait_idle(engine)
+    assert engine.wait_idle(timeout=60)
 
 
-def wait_idle(engine: NudgingEngine, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (engine.live_requests or engine.live_sessions) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.live_requests == 0
-    assert engine.live_sessions == 0
-
-
-async def await_idle(engine: NudgingEngine, timeout: float = 60.0) -> None:
-    """Poll the engine's counts (they have no event to wait on) without blocking the loop."""
-    for _ in range(int(timeout / 0.01)):
-        if not (engine.live_requests or engine.live_sessions):
-            break
-        await asyncio.sleep(0.01)
-    assert engine.live_requests == 0
-    assert engine.live_sessions == 0
+async def await_idle(engine: NudgingEngine) -> None:
+    """``engine.wait_idle`` off the event loop."""
+    assert await asyncio.to_thread(engine.wait_idle, 60)
 
 
 def test_the_chat_model_uses_the_sessions_pair(model: NudgedChatModel, engine: NudgingEngine):
@@ -307,7 +296,7 @@ async def test_leaving_astream_early_frees_everything(
         await task
     await await_idle(engine)
 
-    assert [h.generation.stats.finish_reason for h in handles] == ["cancelled"] * 3
+    assert [h.result().stats.finish_reason for h in handles] == ["cancelled"] * 3
     assert (await model.ainvoke("Say hi.", max_tokens=8)).content
 
 
@@ -316,6 +305,6 @@ def test_leaving_stream_early_frees_everything(
 ) -> None:
     for _chunk in model.stream(LONG_QUESTION, max_tokens=256):
         break
-    wait_idle(engine)
-    assert handles[0].generation.stats.finish_reason == "cancelled"
+    assert engine.wait_idle(timeout=60)
+    assert handles[0].result().stats.finish_reason == "cancelled"
     assert model.invoke("Say hi.", max_tokens=8).content

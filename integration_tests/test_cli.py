@@ -15,6 +15,11 @@ import pytest
 
 from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
 from langchain_nudging.cli import CLOSE_MARK, OPEN_MARK
+from langchain_nudging.request import Request
+
+# Each test runs the command in a subprocess that loads both models (up to two minutes on two
+# busy cores) besides the session's own pair.
+pytestmark = pytest.mark.timeout(600)
 
 
 def nudging(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -40,7 +45,7 @@ def test_chat_json_segments_add_up(pair: NudgingPair) -> None:
     assert stats["finish_reason"] in {"length", "stop", "repetition"}
     assert 0 < stats["nudged_share"] < 1
     # The command and the library give the same greedy answer.
-    same = pair.generate([ChatMessage("user", question)], NudgingConfig(max_tokens=32))
+    same = pair.generate(Request([ChatMessage("user", question)], NudgingConfig(max_tokens=32)))
     assert "".join(s.text for s in same) == payload["text"]
 
 
@@ -95,43 +100,6 @@ def test_compare_json_has_one_answer_per_mode() -> None:
     assert {s["source"] for s in payload["nudging"]["segments"]} == {"nudge"}
     for answer in payload.values():
         assert "".join(s["text"] for s in answer["segments"]) == answer["text"]
-
-
-def test_bench_measures_the_engine_against_base_alone_and_the_oracle(tmp_path) -> None:
-    out = tmp_path / "bench.json"
-    done = nudging(
-        *("bench", "--prompts", "2", "--max-tokens", "12", "--oracle-prompts", "1"),
-        *("--draft-tokens", "8", "4", "--growth", "6", "12", "--growth-oracle-max", "6"),
-        *("--ablation-prompts", "1", "--json", str(out)),
-    )
-    assert done.returncode == 0, done.stderr
-    for title in ("draft_tokens sweep", "boundary verification", "oracle's time", "growth"):
-        assert title in done.stdout
-    results = json.loads(out.read_text())
-    tables = results["tables"]
-    rows = tables["per_prompt"]
-    assert [row["#"] for row in rows] == [0, 1, "median"]
-    assert rows[0]["=orc"] is True  # greedy float32: the engine writes the oracle's text
-    assert rows[0]["tok eng"] == rows[0]["tok orc"] > 0
-    assert rows[0]["tok base"] == 12  # base alone always writes the whole budget
-    assert 0 < rows[0]["required s"] <= results["engine"]["8"][0]["seconds"] * 2
-    assert [row["draft_tokens"] for row in tables["draft_sweep"]] == [8, 4]
-    assert [row["verification"] for row in tables["verification"]] == [
-        "batched (one pass)",
-        "one by one",
-    ]
-    batched, one_by_one = results["engine"]["8"][0], results["engine_one_by_one"][0]
-    assert batched["text"] == one_by_one["text"]
-    assert batched["forward_passes"]["base"] <= one_by_one["forward_passes"]["base"]
-    growth = tables["growth"]
-    assert [(g["max_tokens"], g["oracle s"] is None) for g in growth] == [(6, False), (12, True)]
-
-
-def test_bench_help_lists_its_options() -> None:
-    done = nudging("bench", "--help", timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "nudging bench" in done.stdout
-    assert "--draft-tokens" in done.stdout
 
 
 # A job started in the background by a non-interactive shell (as `make test &` is) inherits

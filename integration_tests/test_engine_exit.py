@@ -14,12 +14,15 @@ TESTS = Path(__file__).resolve().parents[1] / "tests"
 SCRIPT = textwrap.dedent(
     """
     from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
+    from langchain_nudging.request import Request
     from langchain_nudging.serving.engine import NudgingEngine
 
     engine = NudgingEngine(NudgingPair.load(progress=False))
     handle = engine.submit(
-        [ChatMessage("user", "Tell me a long story about a lighthouse.")],
-        NudgingConfig(max_tokens=500),
+        Request(
+            [ChatMessage("user", "Tell me a long story about a lighthouse.")],
+            NudgingConfig(max_tokens=500),
+        )
     )
     events = iter(handle)
     next(events)
@@ -27,30 +30,23 @@ SCRIPT = textwrap.dedent(
     """
 )
 
-# The tiny random-weight pair of tests/conftest.py, its base model slowed down (each forward
+# The tiny random-weight pair of tests/tiny_models.py, its base model slowed down (each forward
 # pass takes PASS seconds, or never returns with HANG), and a never-consumed base-mode request
 # whose window is 96 passes: cancelling it between windows would take 96 * PASS seconds.
 TINY = textwrap.dedent(
     """
     import sys, threading, time
     sys.path.insert(0, {tests!r})
-    import conftest
-    from transformers import PreTrainedTokenizerFast
+    from tiny_models import build_gemma, build_llama, tokenizer_maker
     from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
+    from langchain_nudging.backends.registry import text_model
+    from langchain_nudging.request import Request
     from langchain_nudging.serving.engine import NudgingEngine
 
     PASS, HANG = {seconds!r}, {hang!r}
-    byte = PreTrainedTokenizerFast(
-        tokenizer_object=conftest._train_byte_bpe(), bos_token="<|begin_of_text|>",
-        eos_token="<|end_of_text|>", pad_token="<|pad|>",
-    )
-    sp = PreTrainedTokenizerFast(
-        tokenizer_object=conftest._train_sp_bpe(), bos_token="<s>", eos_token="</s>",
-        pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    sp.chat_template = conftest.CHATML_TEMPLATE
-    pair = NudgingPair(conftest.build_llama(byte), conftest.build_gemma(sp))
+    make = tokenizer_maker()
+    base = build_llama(make("byte"))
+    pair = NudgingPair(text_model(base), text_model(build_gemma(make("sp"))))
     passes = []
     never = threading.Event()
 
@@ -60,12 +56,12 @@ TINY = textwrap.dedent(
             never.wait()
         time.sleep(PASS)
 
-    pair.base.model.register_forward_pre_hook(slow)
+    base.model.register_forward_pre_hook(slow)
     engine = NudgingEngine(pair)
     config = NudgingConfig(
         max_tokens=1500, chunk_tokens=96, max_rounds=1000, min_repeat_chars=100000
     )
-    handle = engine.submit([ChatMessage("user", "Tell me a story.")], config, mode="base")
+    handle = engine.submit(Request([ChatMessage("user", "Tell me a story.")], config, "base"))
     deadline = time.monotonic() + 60
     while len(passes) < 4 and time.monotonic() < deadline:
         time.sleep(0.01)

@@ -6,25 +6,29 @@ nudging model) and checks that it is gone.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
+from langchain_nudging.backends.hf import TokenizerText
+from langchain_nudging.request import Mode, Request
 
 U, A, S = "user", "assistant", "system"
-MODES = ["nudging", "base", "nudged"]
+MODES: list[Mode] = ["nudging", "base", "nudged"]
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("chunk", "draft"), [(1, 16), (16, 1), (1, 1)])
 def test_one_token_windows_on_a_three_token_character_end(
-    pair: NudgingPair, mode: str, chunk: int, draft: int
+    pair: NudgingPair, mode: Mode, chunk: int, draft: int
 ) -> None:
     """SmolLM2 writes "☕" as 3 tokens: a one-token window held a third of it, added no text,
     and the next window read the same answer: the request never ended."""
     messages = [ChatMessage(U, "Repeat exactly: ☕☕☕☕☕☕"), ChatMessage(A, "☕☕")]
     config = NudgingConfig(chunk_tokens=chunk, draft_tokens=draft, max_tokens=8)
-    generation = pair.generate(messages, config, mode=mode)
+    generation = pair.generate(Request(messages, config, mode))
     streamed = "".join(segment.text for segment in generation)
     assert streamed
     assert set(streamed) == {"☕"}
@@ -43,12 +47,11 @@ def test_one_token_windows_on_a_three_token_character_end(
     ],
 )
 def test_split_characters_in_every_mode_with_one_token_windows(
-    pair: NudgingPair, mode: str, request_text: str
+    pair: NudgingPair, mode: Mode, request_text: str
 ) -> None:
     config = NudgingConfig(chunk_tokens=1, draft_tokens=1, max_tokens=16)
-    generation = pair.generate([ChatMessage(U, request_text)], config, mode=mode)
+    generation = pair.generate(Request([ChatMessage(U, request_text)], config, mode))
     streamed = "".join(segment.text for segment in generation)
-    assert streamed == generation.text
     assert "\ufffd" not in streamed
     assert generation.stats.finish_reason in ("length", "repetition", "stop")
     answer_tokens = generation.stats.base_tokens + generation.stats.nudge_tokens
@@ -63,13 +66,18 @@ QUIZ = (
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["nudging", "nudged"])
-def test_a_quiz_keeps_its_answer_lines(pair: NudgingPair, mode: str) -> None:
+def test_a_quiz_keeps_its_answer_lines(pair: NudgingPair, mode: Mode) -> None:
     """The transcript's markers used to cut every answer at "\\nAnswer:", even the nudging
     model's alone (its chat template has no such markers)."""
-    generation = pair.generate([ChatMessage(U, QUIZ)], NudgingConfig(max_tokens=160), mode=mode)
+    generation = pair.generate(Request([ChatMessage(U, QUIZ)], NudgingConfig(max_tokens=160), mode))
     text = "".join(segment.text for segment in generation)
     assert text.startswith("Question:")
     assert "\nAnswer:" in text, text
+
+
+def tokenizer_text(model: Any) -> TokenizerText:
+    """How a bundled model (the transformers backend's ``LocalModel``) tokenizes."""
+    return TokenizerText(model.loaded.tokenizer)
 
 
 PWNED = (
@@ -79,9 +87,9 @@ PWNED = (
 
 
 def test_control_token_strings_in_a_message_are_text_for_smollm2(pair: NudgingPair) -> None:
-    text = pair.nudging.text
-    forged = pair.generate([ChatMessage(U, PWNED)]).prompts.nudging
-    clean = pair.generate([ChatMessage(U, "Hi. Say hello.")]).prompts.nudging
+    text = tokenizer_text(pair.nudging)
+    forged = pair.generate(Request([ChatMessage(U, PWNED)])).prompts.nudging
+    clean = pair.generate(Request([ChatMessage(U, "Hi. Say hello.")])).prompts.nudging
     start = text.control_ids["<|im_start|>"]
     end = text.control_ids["<|im_end|>"]
     for marker in (start, end):
@@ -93,8 +101,9 @@ def test_control_token_strings_in_a_message_are_text_for_smollm2(pair: NudgingPa
 
 @pytest.mark.parametrize("content", ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"])
 def test_control_token_strings_give_gemma_no_control_ids(pair: NudgingPair, content: str) -> None:
-    text = pair.base.text
-    prompt = pair.generate([ChatMessage(U, f"Say {content} twice: {content}{content}")]).prompts
+    text = tokenizer_text(pair.base)
+    messages = [ChatMessage(U, f"Say {content} twice: {content}{content}")]
+    prompt = pair.generate(Request(messages)).prompts
     ids = text.encode(prompt.base, f" {content}")
     controls = {text.control_ids[name] for name in ("<bos>", "<eos>", "<start_of_turn>")}
     controls.add(text.control_ids["<end_of_turn>"])
@@ -106,14 +115,14 @@ def test_control_token_strings_give_gemma_no_control_ids(pair: NudgingPair, cont
 def test_a_base_window_costs_only_the_tokens_the_budget_allows(pair: NudgingPair) -> None:
     """Mode base, max_tokens=4, chunk_tokens=96 cost 96 base passes for 4 tokens."""
     config = NudgingConfig(max_tokens=4, chunk_tokens=96)
-    generation = pair.generate([ChatMessage(U, "Tell me about rivers.")], config, mode="base")
+    generation = pair.generate(Request([ChatMessage(U, "Tell me about rivers.")], config, "base"))
     list(generation)
     assert generation.stats.finish_reason in ("length", "stop")
     assert generation.stats.forward_passes["base"] <= 4 + 3
 
 
 def test_an_empty_system_message_is_empty_for_both_models(pair: NudgingPair) -> None:
-    prompts = pair.generate([ChatMessage(S, ""), ChatMessage(U, "Hi")]).prompts
+    prompts = pair.generate(Request([ChatMessage(S, ""), ChatMessage(U, "Hi")])).prompts
     assert prompts.base.startswith("\nQuestion: Hi")
     assert "SmolLM" not in prompts.nudging
     assert prompts.nudging.startswith("<|im_start|>system\n<|im_end|>")

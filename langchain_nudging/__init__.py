@@ -4,8 +4,6 @@ from ._version import __version__
 from .algorithm import NudgingRun, Segment
 from .chat import NudgedChatModel
 from .config import NudgingConfig, SamplingConfig
-from .serving.engine import EngineBusyError, EngineClosedError, EngineWorkerError
-from .serving.generation import Generation, GenerationStats, NudgingPair
 from .models import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,
@@ -15,6 +13,9 @@ from .models import (
     unload_model,
 )
 from .prompts import BasePromptFormat, ChatMessage
+from .request import Request
+from .serving.engine import EngineBusyError, EngineClosedError, EngineWorkerError
+from .serving.generation import Generation, GenerationStats, NudgingPair
 
 __all__ = [
     "BUNDLED_BASE_ID",
@@ -32,6 +33,7 @@ __all__ = [
     "NudgingConfig",
     "NudgingPair",
     "NudgingRun",
+    "Request",
     "SamplingConfig",
     "Segment",
     "__version__",

@@ -1,24 +1,25 @@
-"""The nudging loop (DESIGN.md section 1; docs/algorithm.md): pure logic over two text sessions.
+"""The nudging loop (docs/algorithm.md): pure logic over two text sessions.
 
 A round: the nudging model drafts; its first words are accepted until the base model agrees
-with the next draft word or is confident; then the base model writes while its top-1
-probability stays >= gamma, re-reading the answer as text every ``chunk_tokens`` tokens.
-Output is a stream of :class:`Segment`; :class:`AnswerWriter` applies the stop rules to the
-joined answer and releases only text that no later rule can take back.
+with the next draft word or is confident; then the base model writes while it is confident
+(:func:`~langchain_nudging.config.confident`), re-reading the answer as text every
+``chunk_tokens`` tokens. Output is a stream of :class:`Segment`; :class:`AnswerWriter` applies
+the stop rules to the joined answer and releases only text that no later rule can take back,
+token by token while a window is being written (docs/algorithm.md, "Streaming").
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Generator, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .backends.base import ContextWindowError, TextSession, Token
-from .config import NudgingConfig
+from .config import NudgingConfig, confident
 
 Source = Literal["base", "nudge"]
-Mode = Literal["nudged", "base", "nudging"]
 FinishReason = Literal["stop", "length", "repetition", "round_cap"]
 
 
@@ -68,6 +69,24 @@ def repeated_suffix_length(text: str, min_chars: int) -> int:
     return best
 
 
+def copy_in_progress(text: str, min_chars: int) -> int:
+    """Length of the longest suffix of ``text`` that also occurs ending at least ``min_chars``
+    characters before the end: where a second copy of an earlier passage may have begun.
+
+    A suffix that occurs there has all its suffixes occur there too, so the length is found by
+    bisection, each step one ``str.find``.
+    """
+    limit = len(text) - min_chars
+    low, high = 0, max(limit, 0)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if text.find(text[-middle:], 0, limit) != -1:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
 MarkerCheck = Callable[[str, str], bool]
 """``(answer before the marker, marker) -> whether the marker ends the answer there``."""
 
@@ -78,9 +97,13 @@ class AnswerWriter:
     Rules are applied each time a segment is appended: stop strings (cut before the first
     occurrence), the base transcript's turn markers (cut before one where ``marker_ends`` says
     so; docs/algorithm.md rule 8), an immediately repeated suffix (cut the second copy, never
-    before the start of the segment being appended), and ``max_tokens`` base tokens (cut
-    exactly). A tail that could be the start of a stop string or a marker is held back until
-    the next segment settles it, so the streamed text always equals the final text.
+    before text already released), and ``max_tokens`` base tokens (cut exactly, never before
+    text already released). A tail that could be the start of a stop string or a marker is held
+    back until the next segment settles it, so the streamed text always equals the final text.
+
+    While a window is being written, :meth:`preview` releases what of its text no rule applied
+    at the window's end can take back (docs/algorithm.md, "Streaming"); the window is then
+    appended whole.
     """
 
     def __init__(
@@ -100,8 +123,9 @@ class AnswerWriter:
         self._held = (*config.stop, *self._markers)
         self.answer = ""
         self.finish_reason: FinishReason | None = None
-        self._released = 0
-        self._pending: list[Segment] = []
+        self._released = 0  # characters streamed; past the answer while a preview is out
+        self._previewed = ""  # the window text last previewed (not yet in the answer)
+        self._pending: list[Segment] = []  # the answer's text not yet released
         self._starts: list[int] = []  # where each appended segment starts in the answer
         self._sources: list[Source] = []
 
@@ -113,22 +137,59 @@ class AnswerWriter:
         if self.done:
             return []
         start = len(self.answer)
+        shown = max(0, self._released - start)  # already released by a preview
+        assert segment.text.startswith(self._previewed[:shown]), "a preview was taken back"
+        self._previewed = ""
         text = self.answer + segment.text
         if segment.text:
             self._starts.append(start)
             self._sources.append(segment.source)
-        end, reason = self._apply_rules(text, start)
+        end, reason = self._apply_rules(text, start, max(start, self._released))
         self.answer = text
-        self._pending.append(segment)
+        self._pending.append(Segment(segment.text[shown:], segment.source, segment.base_top1_prob))
         self._truncate(end)
         if reason is not None:
             self.finish_reason = reason
             return self._release(len(self.answer))
-        return self._release(len(self.answer) - self._held_back())
+        return self._release(len(self.answer) - self._held_back(self.answer))
+
+    def preview(self, segment: Segment) -> list[Segment]:
+        """Release what of ``answer + segment.text`` (a window's text so far, to be appended
+        when the window ends) the rules cannot take back when it is appended: everything before
+        a complete stop string or marker, a possible start of one, a possible second copy of
+        an earlier passage (``repetition_stops``), and nothing once the text reaches
+        ``max_tokens``. The caller previews only text that no loop breaker can discard."""
+        if self.done:
+            return []
+        start = len(self.answer)
+        text = self.answer + segment.text
+        config = self._config
+        if (
+            len(text.encode()) >= config.max_tokens
+            and self._count_tokens(text) >= config.max_tokens
+        ):
+            return []
+        upto = len(text) - self._held_back(text)
+        for held in self._held:
+            index = text.find(held, max(0, start - len(held) + 1))
+            if index != -1:
+                upto = min(upto, index)
+        if config.repetition_stops:
+            upto = min(upto, len(text) - copy_in_progress(text, config.min_repeat_chars))
+        if upto <= max(start, self._released):
+            return self._release(upto)
+        out = self._release(start)
+        self._previewed = segment.text
+        piece = segment.text[self._released - start : upto - start]
+        self._released = upto
+        return [*out, Segment(piece, segment.source, segment.base_top1_prob)]
 
     def finish(self, reason: FinishReason) -> list[Segment]:
         if self.finish_reason is None:
             self.finish_reason = reason
+        shown = self._released - len(self.answer)
+        if shown > 0:  # a window ended early (its model failed): what was streamed stays
+            self.answer += self._previewed[:shown]
         return self._release(len(self.answer))
 
     def count(self, text: str) -> int:
@@ -139,9 +200,10 @@ class AnswerWriter:
         """Who wrote the answer's character at ``index``."""
         return self._sources[bisect.bisect_right(self._starts, index) - 1]
 
-    def _apply_rules(self, text: str, start: int) -> tuple[int, FinishReason | None]:
+    def _apply_rules(self, text: str, start: int, floor: int) -> tuple[int, FinishReason | None]:
         """Where ``text`` must end and why: the earliest cut of all rules wins, and at the same
-        place a stop string or turn marker wins over the length cap, and that over repetition."""
+        place a stop string or turn marker wins over the length cap, and that over repetition.
+        The length cap and repetition never cut before ``floor`` (text already released)."""
         config = self._config
         cuts: list[tuple[int, int, FinishReason]] = []  # (where, precedence, why)
         # Held-back text is shorter than any stop string, so new matches start after this.
@@ -154,11 +216,14 @@ class AnswerWriter:
             and self._count_tokens(text) >= config.max_tokens
         ):
             cut = self._truncate_tokens(text, config.max_tokens)
-            cuts.append((len(cut) if cut.startswith(text[:start]) else start, 2, "length"))
-        end, minimum = len(text), config.min_repeat_chars
-        while end > start and (length := repeated_suffix_length(text[:end], minimum)):
-            end = max(end - length, start)  # streamed text is never taken back
-            cuts.append((end, 3, "repetition"))
+            cuts.append((len(cut) if cut.startswith(text[:floor]) else floor, 2, "length"))
+        if config.repetition_stops:
+            end = len(text)
+            while end > floor and (
+                length := repeated_suffix_length(text[:end], config.min_repeat_chars)
+            ):
+                end = max(end - length, floor)  # streamed text is never taken back
+                cuts.append((end, 3, "repetition"))
         # A marker is judged only where no earlier rule cuts (a stop string at the same place
         # cuts first; the length cap and repetition do not).
         before = min((where + (precedence > 0) for where, precedence, _ in cuts), default=len(text))
@@ -193,11 +258,12 @@ class AnswerWriter:
             self._content_markers.add(index)
         return None
 
-    def _held_back(self) -> int:
+    def _held_back(self, text: str) -> int:
+        """Characters at the end of ``text`` that could start a stop string or a marker."""
         longest = 0
         for stop in self._held:
-            for k in range(min(len(stop) - 1, len(self.answer)), longest, -1):
-                if self.answer.endswith(stop[:k]):
+            for k in range(min(len(stop) - 1, len(text)), longest, -1):
+                if text.endswith(stop[:k]):
                     longest = k
                     break
         return longest
@@ -271,6 +337,38 @@ class _Run:
             return config.chunk_tokens
         return max(1, min(config.chunk_tokens, config.max_tokens - self.writer.count(context)))
 
+    def _read_window(
+        self,
+        tokens: Iterable[Token],
+        source: Source,
+        stops: Callable[[Token], bool],
+        discardable: bool,
+    ) -> Generator[Segment, None, tuple[list[Token], Token | None]]:
+        """Read a window as its tokens arrive: the tokens taken, and the one that ``stops`` it
+        (not taken; ``None`` when the window ran to its end). Its text so far is previewed
+        after each token (docs/algorithm.md, "Streaming"); a ``discardable`` window (a base
+        window, which a loop breaker may discard) only once that text is not in the answer as
+        it stood before the window: a loop breaker then cannot discard it (this round's base
+        passage is part of the answer, and a text containing one that is not in the answer is
+        not in it either)."""
+        writer = self.writer
+        before = writer.answer
+        kept = not discardable
+        taken: list[Token] = []
+        text, prob = "", 1.0
+        for token in tokens:
+            if stops(token):
+                return taken, token
+            taken.append(token)
+            prob = min(prob, token.top1_prob)
+            if token.text:
+                text += token.text
+                kept = kept or text not in before
+                if kept:
+                    shown = prob if source == "base" else None
+                    yield from writer.preview(Segment(text, source, shown))
+        return taken, None
+
 
 class NudgingRun(_Run):
     """One nudged answer. Iterate to receive segments; read the outcome afterwards.
@@ -313,7 +411,7 @@ class NudgingRun(_Run):
                 yield from writer.finish("round_cap")
                 return
             self.rounds += 1
-            draft = self.nudging.generate(writer.answer, config.draft_tokens)
+            draft = list(self.nudging.generate(writer.answer, config.draft_tokens))
             draft_text = "".join(t.text for t in draft)
             if draft and draft[-1].is_eos:
                 self.trace.append(RoundTrace(draft, draft_text, None))
@@ -324,7 +422,7 @@ class NudgingRun(_Run):
             self.trace.append(RoundTrace(draft, nudge_text, boundary))
             if nudge_text == last_nudge:
                 same_nudges += 1
-                if same_nudges >= config.max_same_nudges:
+                if config.repetition_stops and same_nudges >= config.max_same_nudges:
                     yield from writer.finish("repetition")
                     return
             else:
@@ -349,7 +447,7 @@ class NudgingRun(_Run):
         answer = self.writer.answer
         tokens = self.base.peek_each([answer + candidate for candidate, _ in boundaries])
         for (candidate, next_word), token in zip(boundaries, tokens, strict=False):
-            if agrees(token, next_word) or token.top1_prob >= self.config.gamma:
+            if agrees(token, next_word) or confident(token.top1_prob, self.config.gamma):
                 return candidate, token
         return lead + " ".join(words[: max(1, len(words) - 1)]), None
 
@@ -375,15 +473,10 @@ class NudgingRun(_Run):
                 first=first,
                 stop=config.stop,
             )
-            rest = window[1:] if first is not None else window
+            # The first window starts with the boundary token, already in the answer.
+            tokens = itertools.islice(window, int(first is not None), None)
             first = None
-            taken: list[Token] = []
-            stopped: Token | None = None
-            for token in rest:
-                if token.is_eos or token.top1_prob < config.gamma:
-                    stopped = token
-                    break
-                taken.append(token)
+            taken, stopped = yield from self._read_window(tokens, "base", self._unsure, True)
             trace.base_tokens.extend(taken)
             text = "".join(t.text for t in taken)
             ended = stopped is not None
@@ -402,6 +495,10 @@ class NudgingRun(_Run):
                 return None  # nothing written: asking again would read the same answer
             context = writer.answer
         return None
+
+    def _unsure(self, token: Token) -> bool:
+        """The token that ends a base window: an end-of-sequence token or one below gamma."""
+        return token.is_eos or not confident(token.top1_prob, self.config.gamma)
 
     def _marker_ends(self, answer: str, marker: str) -> bool:
         """A turn marker the base model wrote ends the answer unless the nudging model would
@@ -452,12 +549,14 @@ class SoloRun(_Run):
                 self.rounds += 1
                 size = self._window_size(writer.answer)
                 window = self.session.generate(writer.answer, size, stop=self._stop)
-                taken = [t for t in window if not t.is_eos]
+                taken, eos = yield from self._read_window(
+                    window, self.source, lambda token: token.is_eos, False
+                )
                 text = "".join(t.text for t in taken)
                 if text:
                     prob = min(t.top1_prob for t in taken) if self.source == "base" else None
                     yield from writer.append(Segment(text, self.source, prob))
-                if window[-1].is_eos or not text:
+                if eos is not None or not text:
                     # An end-of-sequence token, or a window that wrote nothing: asking again
                     # would read the same answer.
                     yield from writer.finish("stop")

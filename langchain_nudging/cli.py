@@ -4,38 +4,51 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, get_args
 
 from pydantic import ValidationError
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from .algorithm import Mode, Segment
-from .config import NudgingConfig, SamplingConfig
-from .serving.engine import Failed, NudgingEngine, RequestHandle
+from .algorithm import Segment
+from .backends.registry import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, check_spec
+from .config import ALGORITHM_KNOBS, SAMPLING_KNOBS, NudgingConfig, SamplingConfig
+from .evaluation.runner import EvalSettings, run_eval, run_identity
 from .evaluation.scoring import ScoringSetupError
 from .evaluation.tasks import DATA_ENV_VAR, TASKS
-from .serving.generation import GenerationStats, NudgingPair
-from .models import (
-    BUNDLED_BASE_ID,
-    BUNDLED_NUDGING_ID,
-    ModelLoadError,
-    check_source,
-    resolve_device,
-    resolve_dtype,
-)
+from .models import ModelLoadError, resolve_device, resolve_dtype
 from .prompts import ChatMessage
+from .request import Mode, Request
+from .serving.engine import NudgingEngine
+from .serving.events import Failed, Finished, SegmentEvent
+from .serving.generation import GenerationStats, NudgingPair
+from .serving.handle import RequestHandle
 
 DEFAULT_QUESTION = "Give me three tips for staying healthy."
 NUDGE_STYLE = "bold yellow"
 OPEN_MARK, CLOSE_MARK = "⟦", "⟧"  # marks nudged text where colour is not available
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+#: The knobs an evaluation sets, as its settings declare them (gamma is its sweep, --gamma).
+EVAL_KNOBS: dict[str, FieldInfo] = {
+    name: EvalSettings.model_fields[name]
+    for name in ALGORITHM_KNOBS
+    if name != "gamma" and name in EvalSettings.model_fields
+}
+#: The chat command's knobs, each declared once in the configs (both models' sampling).
+CHAT_KNOBS: dict[str, FieldInfo] = {
+    **{name: NudgingConfig.model_fields[name] for name in ALGORITHM_KNOBS},
+    **{name: SamplingConfig.model_fields[name] for name in SAMPLING_KNOBS},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,29 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_options(chat)
     nudging = chat.add_argument_group("nudging")
-    defaults = NudgingConfig()
-    nudging.add_argument("--gamma", type=float, default=defaults.gamma)
-    nudging.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
-    nudging.add_argument("--draft-tokens", type=int, default=defaults.draft_tokens)
-    nudging.add_argument("--chunk-tokens", type=int, default=defaults.chunk_tokens)
+    add_knob_options(nudging, CHAT_KNOBS)
     nudging.add_argument("--system", default=None, help="system prompt for both models")
     nudging.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    nudging.add_argument("--temperature", type=float, default=0.0, help="both models; 0 = greedy")
-    nudging.add_argument("--top-p", type=float, default=1.0)
-    nudging.add_argument("--top-k", type=int, default=0)
-    nudging.add_argument("--seed", type=int, default=None)
     output = chat.add_argument_group("output")
     output.add_argument("--json", action="store_true", help="print one JSON object at the end")
     output.add_argument(
         "--compare",
         action="store_true",
         help="run the base model alone, the nudging model alone and the nudged pair side by side",
-    )
-    commands.add_parser(
-        "bench",
-        add_help=False,
-        help="measure the engine against the base model alone and the oracle "
-        "(benchmarks/throughput.py of a source checkout; `nudging bench --help` for options)",
     )
     output.add_argument(
         "--marks",
@@ -85,6 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eval_parser(commands)
     return parser
+
+
+def flag(name: str) -> str:
+    """A knob's flag: ``max_tokens`` -> ``--max-tokens``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_knob_options(group: argparse._ArgumentGroup, knobs: dict[str, FieldInfo]) -> None:
+    """One flag per knob; its type, default and help come from the knob's declaration (the
+    range is checked where the config is built, naming the flag)."""
+    for name, info in knobs.items():
+        description = (info.description or "").replace("%", "%%")
+        group.add_argument(
+            flag(name),
+            dest=name,
+            type=_value_type(info),
+            default=info.default,
+            help=f"{description} (default: %(default)s)",
+        )
+
+
+def _value_type(info: FieldInfo) -> Callable[[str], Any]:
+    """What a knob's flag value is read as: its type, ``int`` for an ``int | None`` knob."""
+    (kind,) = (k for k in get_args(info.annotation) or (info.annotation,) if k is not type(None))
+    return kind
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -136,12 +160,10 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
         "--gamma",
         nargs="+",
         type=_listed(float),
-        default=[[NudgingConfig().gamma]],
+        default=[[NudgingConfig.model_fields["gamma"].default]],
         help="the nudged pair's gamma; several values run a sweep",
     )
-    evaluate.add_argument("--max-tokens", type=int, default=NudgingConfig().max_tokens)
-    evaluate.add_argument("--draft-tokens", type=int, default=NudgingConfig().draft_tokens)
-    evaluate.add_argument("--chunk-tokens", type=int, default=NudgingConfig().chunk_tokens)
+    add_knob_options(evaluate.add_argument_group("nudging"), EVAL_KNOBS)
     evaluate.add_argument(
         "--concurrency", type=int, default=4, help="answers in flight at once (default 4)"
     )
@@ -162,21 +184,11 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     add_model_options(evaluate)
 
 
-MAX_SEED = 2**64 - 1  # what a torch generator takes
-DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
 def config_from_args(args: argparse.Namespace) -> NudgingConfig:
-    if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
-        raise ValueError(f"--seed {args.seed}: must be in [0, 2**64 - 1]")
-    sampling = SamplingConfig(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
-    )
+    """The chat command's config: its knob flags, the same sampling for both models."""
+    sampling = SamplingConfig(**{name: getattr(args, name) for name in SAMPLING_KNOBS})
     return NudgingConfig(
-        gamma=args.gamma,
-        max_tokens=args.max_tokens,
-        draft_tokens=args.draft_tokens,
-        chunk_tokens=args.chunk_tokens,
+        **{name: getattr(args, name) for name in ALGORITHM_KNOBS},
         stop=tuple(args.stop),
         base_sampling=sampling,
         nudging_sampling=sampling,
@@ -190,11 +202,11 @@ def check_model_args(args: argparse.Namespace) -> None:
         ("--device", lambda: args.device is None or resolve_device(args.device)),
         ("--dtype", lambda: resolve_dtype(args.dtype, args.device)),
     ]
-    for flag, check in checks:
+    for option, check in checks:
         try:
             check()
         except ModelLoadError as exc:
-            raise ModelLoadError(f"{flag}: {exc}") from None
+            raise ModelLoadError(f"{option}: {exc}") from None
     device_map = args.device_map
     if device_map is not None and device_map not in DEVICE_MAPS:
         try:
@@ -204,11 +216,8 @@ def check_model_args(args: argparse.Namespace) -> None:
                 f"--device-map {device_map!r}: expected one of {', '.join(DEVICE_MAPS)} or a "
                 "torch device (cpu, cuda, cuda:1, ...)"
             ) from None
-    for flag, source in (("--base", args.base), ("--nudging", args.nudging)):
-        try:
-            check_source(source)
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"{flag}: {exc}") from None
+    check_spec(args.base, "--base", deep=True)
+    check_spec(args.nudging, "--nudging", deep=True)
 
 
 def load_pair(args: argparse.Namespace) -> NudgingPair:
@@ -241,31 +250,38 @@ def styled(segment: Segment, marks: str) -> Text:
     return Text(segment.text)
 
 
-def as_json(handle: RequestHandle) -> dict[str, object]:
-    generation = handle.generation
+def as_json(finished: Finished) -> dict[str, object]:
     return {
-        "text": generation.text,
+        "text": finished.text,
         "segments": [
             {"text": s.text, "source": s.source, "base_top1_prob": s.base_top1_prob}
-            for s in generation.segments
+            for s in finished.segments
         ],
-        "stats": generation.stats.as_dict(),
+        "stats": finished.stats.as_dict(),
     }
 
 
-def stream(handle: RequestHandle, console: Console, errors: Console, marks: str) -> bool:
-    """Print one answer as it is produced; Ctrl-C cancels it. Returns whether it finished."""
+def stream(handle: RequestHandle, console: Console, errors: Console, marks: str) -> Finished | None:
+    """Print one answer as it is produced; Ctrl-C cancels it. Returns its end, or ``None``
+    when it was cancelled."""
+    finished = None
     try:
-        for segment in handle.segments():
-            console.print(styled(segment, marks), end="")
+        for event in handle:
+            if isinstance(event, SegmentEvent):
+                console.print(styled(event.segment, marks), end="")
+            elif isinstance(event, Failed):
+                raise event.error
+            else:
+                finished = event
     except KeyboardInterrupt:
         handle.cancel()
         console.print()
         errors.print(Text("[answer cancelled]", style="dim"))
-        return False
+        return None
+    assert finished is not None  # the events end with Finished or Failed
     console.print()
-    errors.print(Text(summary(handle.generation.stats), style="dim"))
-    return True
+    errors.print(Text(summary(finished.stats), style="dim"))
+    return finished
 
 
 MODES: dict[Mode, str] = {
@@ -275,28 +291,39 @@ MODES: dict[Mode, str] = {
 }
 
 
-def compare_table(handles: dict[Mode, RequestHandle], marks: str) -> Table:
+@dataclass
+class Shown:
+    """What one request's events have shown so far."""
+
+    segments: list[Segment] = field(default_factory=list)
+    finished: Finished | None = None
+
+    async def read(self, handle: RequestHandle) -> None:
+        async for event in handle:
+            if isinstance(event, SegmentEvent):
+                self.segments.append(event.segment)
+            elif isinstance(event, Failed):
+                raise event.error
+            else:
+                self.finished = event
+
+
+def compare_table(shown: dict[Mode, Shown], marks: str) -> Table:
     table = Table(expand=True, show_lines=True)
-    for mode in handles:
+    for mode in shown:
         table.add_column(MODES[mode], ratio=1)
-    texts = [Text() for _ in handles]
-    for text, handle in zip(texts, handles.values(), strict=True):
-        for segment in list(handle.generation.segments):
+    texts = [Text() for _ in shown]
+    for text, answer in zip(texts, shown.values(), strict=True):
+        for segment in answer.segments:
             text.append_text(styled(segment, marks))
     table.add_row(*texts)
     table.add_row(
         *(
-            Text(summary(h.generation.stats) if h.done else "...", style="dim")
-            for h in handles.values()
+            Text(summary(a.finished.stats) if a.finished else "...", style="dim")
+            for a in shown.values()
         )
     )
     return table
-
-
-async def _drain(handle: RequestHandle) -> None:
-    async for event in handle:
-        if isinstance(event, Failed):
-            raise event.error
 
 
 def run_compare(
@@ -305,19 +332,20 @@ def run_compare(
     config: NudgingConfig,
     console: Console,
     marks: str,
-) -> dict[Mode, RequestHandle]:
-    """The three modes at once on the engine's worker, shown side by side."""
-    handles = {mode: engine.submit(messages, config, mode) for mode in MODES}
+) -> dict[Mode, Finished]:
+    """The three modes at once on the engine, shown side by side."""
+    handles = {mode: engine.submit(Request(messages, config, mode)) for mode in MODES}
+    shown = {mode: Shown() for mode in MODES}
 
     async def run_all() -> None:
-        tasks = [asyncio.ensure_future(_drain(h)) for h in handles.values()]
+        tasks = [asyncio.ensure_future(shown[m].read(h)) for m, h in handles.items()]
         if not console.is_terminal:
             await asyncio.gather(*tasks)
             return
-        with Live(compare_table(handles, marks), console=console, auto_refresh=False) as live:
+        with Live(compare_table(shown, marks), console=console, auto_refresh=False) as live:
             while not all(t.done() for t in tasks):
                 await asyncio.wait(tasks, timeout=0.2)
-                live.update(compare_table(handles, marks), refresh=True)
+                live.update(compare_table(shown, marks), refresh=True)
         await asyncio.gather(*tasks)
 
     try:
@@ -326,8 +354,8 @@ def run_compare(
         for handle in handles.values():
             handle.cancel()
     if not console.is_terminal:
-        console.print(compare_table(handles, marks))
-    return handles
+        console.print(compare_table(shown, marks))
+    return {mode: answer.finished for mode, answer in shown.items() if answer.finished}
 
 
 def interactive(
@@ -362,9 +390,9 @@ def interactive(
                 console.print(Text(f"{message.role}: {message.content}"))
             continue
         messages = [*history, ChatMessage("user", question)]
-        handle = engine.submit(messages, config)
-        if stream(handle, console, errors, marks):
-            history = [*messages, ChatMessage("assistant", handle.generation.text)]
+        finished = stream(engine.submit(Request(messages, config)), console, errors, marks)
+        if finished is not None:
+            history = [*messages, ChatMessage("assistant", finished.text)]
 
 
 def run_chat(args: argparse.Namespace, console: Console, errors: Console) -> int:
@@ -382,38 +410,34 @@ def run_chat(args: argparse.Namespace, console: Console, errors: Console) -> int
         if chatting:
             return interactive(engine, args.system, config, console, errors, marks)
         if args.compare:
-            handles = run_compare(engine, messages, config, console, marks)
+            answers = run_compare(engine, messages, config, console, marks)
             if args.json:
-                print(json.dumps({m: as_json(h) for m, h in handles.items()}, ensure_ascii=False))
+                print(json.dumps({m: as_json(a) for m, a in answers.items()}, ensure_ascii=False))
             return 0
-        handle = engine.submit(messages, config)
+        handle = engine.submit(Request(messages, config))
         if args.json:
-            handle.result()
             payload = {
-                **as_json(handle),
+                **as_json(handle.result()),
                 "models": {"base": pair.base.name, "nudging": pair.nudging.name},
                 "config": config.model_dump(mode="json"),
             }
             print(json.dumps(payload, ensure_ascii=False))
             return 0
-        return 0 if stream(handle, console, errors, marks) else 130
+        return 0 if stream(handle, console, errors, marks) is not None else 130
     finally:
         engine.shutdown()
 
 
 def run_eval_command(args: argparse.Namespace, console: Console, errors: Console) -> int:
-    from .evaluation.report import main_table, write_report
-    from .evaluation.runner import EvalSettings, run_eval, run_identity
+    from .evaluation.report import main_table, write_report  # matplotlib: only for eval
 
     settings = EvalSettings(
-        tasks=[name for group in args.task for name in group],
-        modes=args.modes,
-        gammas=[gamma for group in args.gamma for gamma in group],
+        tasks=tuple(name for group in args.task for name in group),
+        modes=tuple(args.modes),
+        gammas=tuple(gamma for group in args.gamma for gamma in group),
         limit=args.limit,
         seed=args.seed,
-        max_tokens=args.max_tokens,
-        draft_tokens=args.draft_tokens,
-        chunk_tokens=args.chunk_tokens,
+        **{name: getattr(args, name) for name in EVAL_KNOBS},
         concurrency=args.concurrency,
         data_dir=args.data,
     )
@@ -430,35 +454,12 @@ def run_eval_command(args: argparse.Namespace, console: Console, errors: Console
     return 1 if result.failures else 0
 
 
-def run_bench(options: list[str], errors: Console) -> int:
-    """Run benchmarks/throughput.py: it lives beside the package in a source checkout."""
-    checkout = Path(__file__).resolve().parents[1]
-    if (checkout / "benchmarks" / "throughput.py").is_file() and str(checkout) not in sys.path:
-        sys.path.insert(0, str(checkout))
-    try:
-        throughput = importlib.import_module("benchmarks.throughput")
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("benchmarks", "benchmarks.throughput"):
-            raise
-        errors.print(
-            "nudging: bench runs benchmarks/throughput.py from a source checkout of "
-            "langchain-nudging (pip install -e <checkout>); it is not part of the installed package"
-        )
-        return 2
-    throughput.main(options)
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
-    if args.command != "bench" and rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args = parser.parse_args(argv)
     console = Console(highlight=False, soft_wrap=True)
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        if args.command == "bench":
-            return run_bench(rest, errors)
         if args.command == "eval":
             return run_eval_command(args, console, errors)
         return run_chat(args, console, errors)
@@ -473,9 +474,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-    )
+    """Each error with its field, and the field's flag where it has one."""
+    messages = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"])
+        shown = f"{name} ({flag(name)})" if name in CHAT_KNOBS else name
+        messages.append(f"{shown}: {err['msg']}")
+    return "; ".join(messages)
 
 
 if __name__ == "__main__":

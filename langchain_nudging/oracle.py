@@ -5,8 +5,9 @@
 full forward pass for a boundary, one fresh decode for a draft or a window), no state kept
 between questions. It shares no code with ``algorithm.py`` (word splitting, acceptance,
 windows, the character carry of rule 7, stop strings, the repeated-suffix rule, the loop
-breakers, the turn-marker rule 8, the round and window caps are all written again here); it
-uses only the tokenizer layer (``backends/hf.py``: ids, the text of new ids, token counts).
+breakers, the turn-marker rule 8, the round and window caps, what a window streams before it
+ends are all written again here); it uses only gamma's rule (``config.confident``) and the
+tokenizer layer (``backends/hf.py``: ids, the text of new ids, token counts).
 
 What equality shows:
 
@@ -32,13 +33,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from .backends.base import ContextWindowError
 from .backends.hf import TokenizerText
-from .config import NudgingConfig
+from .config import NudgingConfig, confident
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
 
 OracleMode = Literal["nudged", "base", "nudging"]
 DEFAULT_MARKERS = ("\nQuestion:", "\nAnswer:")
@@ -109,7 +113,7 @@ def window_end(
     for k, tok in enumerate(toks):
         if tok.eos:
             return k, "eos"
-        if gamma is not None and k >= forced and tok.p1 < gamma:
+        if gamma is not None and k >= forced and not confident(tok.p1, gamma):
             return k, "unsure"
         text += tok.text
         taken = k + 1
@@ -142,6 +146,17 @@ def repetition_end(text: str, start: int, min_chars: int) -> int:
     return end
 
 
+def second_copy_start(text: str, min_chars: int) -> int:
+    """Where a second copy of an earlier passage may have begun: the start of the longest
+    suffix of ``text`` that also occurs ending at least ``min_chars`` characters before the end
+    (``len(text)`` when none does)."""
+    limit = len(text) - min_chars
+    k = 0
+    while k < limit and text[len(text) - k - 1 :] in text[:limit]:
+        k += 1
+    return len(text) - k
+
+
 def stop_prefix_held(text: str, strings: Sequence[str]) -> int:
     """Characters at the end of ``text`` that could be the start of one of ``strings``."""
     held = 0
@@ -172,28 +187,18 @@ def occurrences(text: str, s: str) -> list[int]:
 class _Lm:
     """One model and its tokenizer; every call starts from ``prompt + answer`` re-tokenized."""
 
-    def __init__(self, source: Any) -> None:
-        text = getattr(source, "text", None)
-        if not isinstance(text, TokenizerText):
-            loaded = getattr(source, "loaded", source)
-            text = TokenizerText(
-                loaded.tokenizer,
-                loaded.model,
-                getattr(loaded, "context_window", None),
-                getattr(loaded, "name", "model"),
-            )
-        self.text = text
-        self.model = source.model
+    def __init__(self, loaded: LoadedModel) -> None:
+        self.text = TokenizerText(
+            loaded.tokenizer, loaded.model, loaded.context_window, loaded.name
+        )
+        self.model = loaded.model
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._two_part = len(inspect.signature(text.encode).parameters) >= 2
         self.calls = 0
 
     def ids(self, prompt: str, answer: str) -> list[int]:
-        # A Prompt (str with control spans) must reach the encoder unjoined when it can.
-        if self._two_part:
-            return self.text.encode(prompt, answer)  # type: ignore[call-arg]
-        return self.text.encode(prompt + answer)
+        # A Prompt (str with control spans) reaches the encoder unjoined: its markers count.
+        return self.text.encode(prompt, answer)
 
     def _tok(
         self, ctx: list[int], new: list[int], probs: list[tuple[float, float]], at: int
@@ -311,37 +316,62 @@ class _Answer:
     def done(self) -> bool:
         return self.reason is not None
 
+    @property
+    def held(self) -> tuple[str, ...]:
+        """The strings whose possible start is held back: stop strings and turn markers."""
+        return self.config.stop + (self.markers if self.mode != "nudging" else ())
+
     def add(self, piece: str, source: str) -> None:
         if self.done or not piece:
             return
         start = len(self.text)
+        floor = max(start, self._sent)  # text already streamed is never cut
         self.text += piece
         self.sources += source * len(piece)
-        cut = self._cut(start)
+        cut = self._cut(start, floor)
         if cut is not None:
             at, why = cut
             self.text, self.sources = self.text[:at], self.sources[:at]
             self.reason = why
-            self._send(len(self.text))
+            self._send(len(self.text), self.text, self.sources)
         else:
-            held = self.config.stop + (self.markers if self.mode != "nudging" else ())
-            self._send(len(self.text) - stop_prefix_held(self.text, held))
+            upto = len(self.text) - stop_prefix_held(self.text, self.held)
+            self._send(upto, self.text, self.sources)
+
+    def show(self, piece: str, source: str) -> None:
+        """Stream what of the answer followed by ``piece`` (a window's text so far, added
+        whole when the window ends) no rule applied then can take back: nothing once it
+        reaches ``max_tokens`` tokens; else all before a complete stop string or marker, a
+        possible start of one, and a possible second copy of an earlier passage."""
+        joined = self.text + piece
+        config = self.config
+        if self.done or self.base.text.count(joined) >= config.max_tokens:
+            return
+        upto = len(joined) - stop_prefix_held(joined, self.held)
+        for s in self.held:
+            at = joined.find(s, max(0, len(self.text) - len(s) + 1))
+            if at != -1:
+                upto = min(upto, at)
+        if config.repetition_stops:
+            upto = min(upto, second_copy_start(joined, config.min_repeat_chars))
+        self._send(upto, joined, self.sources + source * len(piece))
 
     def end(self, why: str) -> None:
         if self.reason is None:
             self.reason = why
-        self._send(len(self.text))
+        self._send(len(self.text), self.text, self.sources)
 
-    def _send(self, upto: int) -> None:
+    def _send(self, upto: int, text: str, sources: str) -> None:
         while self._sent < upto:
             run = self._sent
-            while run < upto and self.sources[run] == self.sources[self._sent]:
+            while run < upto and sources[run] == sources[self._sent]:
                 run += 1
-            self.stream.append((self.text[self._sent : run], self.sources[self._sent]))
+            self.stream.append((text[self._sent : run], sources[self._sent]))
             self._sent = run
 
-    def _cut(self, start: int) -> tuple[int, str] | None:
-        """The earliest cut any rule makes in the joined answer (ties: stop, length, repetition)."""
+    def _cut(self, start: int, floor: int) -> tuple[int, str] | None:
+        """The earliest cut any rule makes in the joined answer (ties: stop, length,
+        repetition); the length cap and repetition never cut before ``floor``."""
         text, config = self.text, self.config
         cuts: list[tuple[int, int, str]] = []
         found = [i for s in config.stop if (i := text.find(s)) != -1]
@@ -352,10 +382,11 @@ class _Answer:
             same = 0
             while same < min(len(kept), len(text)) and kept[same] == text[same]:
                 same += 1
-            cuts.append((max(same, start), 2, "length"))
-        end = repetition_end(text, start, config.min_repeat_chars)
-        if end < len(text):
-            cuts.append((end, 3, "repetition"))
+            cuts.append((max(same, floor), 2, "length"))
+        if config.repetition_stops:
+            end = repetition_end(text, floor, config.min_repeat_chars)
+            if end < len(text):
+                cuts.append((end, 3, "repetition"))
         if self.mode != "nudging":
             found_markers = sorted(
                 (i, m)
@@ -390,8 +421,8 @@ class _Answer:
 
 
 def independent_nudge(
-    base: Any,
-    nudging: Any,
+    base: LoadedModel,
+    nudging: LoadedModel,
     base_prompt: str,
     nudging_prompt: str,
     config: NudgingConfig,
@@ -400,8 +431,7 @@ def independent_nudge(
 ) -> OracleResult:
     """Write one answer by the documented rules, every question asked from scratch.
 
-    ``base`` and ``nudging``: anything holding ``.model`` and ``.tokenizer`` (a
-    ``LoadedModel``) or ``.model`` and ``.text`` (a ``ReferenceModel`` / ``LocalModel``).
+    ``base`` and ``nudging``: the loaded models (``.model``, ``.tokenizer``).
     ``config.stop``: the request's own stop strings; ``markers``: the base transcript's turn
     markers (``render_prompts(...).stop``), which end the answer only as rule 8 says.
     """
@@ -491,6 +521,8 @@ def _solo(
         size = _size(config, answer.base, answer.text, config.chunk_tokens)
         toks, taken, why = _window(lm, prompt, answer.text, size, stops=stops)
         decisions.extend(toks)
+        for k in range(1, len(taken) + 1):  # streamed as the tokens come
+            answer.show("".join(t.text for t in taken[:k]), source)
         text = "".join(t.text for t in taken)
         answer.add(text, source)
         if answer.done:
@@ -536,14 +568,14 @@ def _nudged(
             candidate = lead + " ".join(words[:i])
             tok = b.next(base_prompt, answer.text + candidate)
             decisions.append(tok)
-            if agreement(tok, words[i]) or tok.p1 >= config.gamma:
+            if agreement(tok, words[i]) or confident(tok.p1, config.gamma):
                 accepted, boundary = candidate, tok
                 break
 
         # Rule 5: the same accepted words again and again.
         if accepted == last_words:
             same += 1
-            if same >= config.max_same_nudges:
+            if config.repetition_stops and same >= config.max_same_nudges:
                 answer.end("repetition")
                 return
         else:
@@ -570,6 +602,12 @@ def _nudged(
             if head is not None:
                 taken = taken[1:]  # the boundary token is already in the answer
             head = None
+            # Streamed as the tokens come, once the window's text is not in the answer: then
+            # neither loop breaker below can drop it.
+            for k in range(1, len(taken) + 1):
+                part = "".join(t.text for t in taken[:k])
+                if part and part not in answer.text:
+                    answer.show(part, BASE)
             text = "".join(t.text for t in taken)
             if not text:
                 if taken or why in ("eos", "unsure"):

@@ -33,20 +33,16 @@ docs/prompts.md states both rules.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import re
-import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .backends.base import Prompt
+from .backends.base import ChatTemplate, Prompt
 from .structured import OutputSpec, ToolCall
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 Role = Literal["system", "user", "assistant", "tool"]
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -178,7 +174,7 @@ def neutralise_labels(text: str, fmt: BasePromptFormat, first_line: bool = False
 
 
 def chat_prompt(
-    tokenizer: PreTrainedTokenizerBase,
+    template: ChatTemplate,
     system: str | None,
     turns: Sequence[ChatMessage],
     prefix: str,
@@ -193,11 +189,11 @@ def chat_prompt(
     then keep their tool calls and ``tool`` roles for the template to render. ``system=None``
     leaves the system to the template; ``""`` is an explicit empty system message.
 
-    The result's ``controls`` are the template's own markers: every special or added token
-    string in the messages (and in ``tools``) is swapped for a placeholder while the template
-    renders, and put back as text (:class:`_Markers`).
+    The result's ``controls`` are the template's own markers: every one of
+    ``template.markers`` in the messages (and in ``tools``) is swapped for a placeholder while
+    the template renders, and put back as text (:class:`_Markers`).
     """
-    markers = _Markers(tokenizer)
+    markers = _Markers(template.markers)
     native = tools is not None
     plain = [_template_message(t, native) for t in _plain_turns(turns, native)]
     chat = [markers.hide_message(m) for m in plain]
@@ -209,7 +205,7 @@ def chat_prompt(
     else:
         with_system = chat
     try:
-        rendered = _render(tokenizer, with_system, hidden_tools)
+        rendered = template.render(with_system, hidden_tools)
     except Exception:  # templates raise errors of their own for a system role
         if hidden_system is None:
             raise
@@ -217,7 +213,7 @@ def chat_prompt(
         if hidden_system:
             first_user = next(i for i, m in enumerate(chat) if m["role"] == "user")
             folded[first_user]["content"] = hidden_system + "\n\n" + folded[first_user]["content"]
-        rendered = _render(tokenizer, folded, hidden_tools)
+        rendered = template.render(folded, hidden_tools)
     if not rendered.endswith(_SENTINEL):
         raise ValueError("the nudging model's chat template does not end with the answer")
     return markers.reveal(rendered[: -len(_SENTINEL)])
@@ -234,64 +230,34 @@ def _placeholder(index: int) -> str:
     return _OPEN + "".join(chr(_DIGIT0 + int(d, 16)) for d in f"{index:x}") + _CLOSE
 
 
-def marker_strings(tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """The strings that are control markers in a rendered chat template, longest first: every
-    added token (``added_tokens_decoder``, which holds Gemma's ``<start_of_turn>`` although it is
-    not among ``all_special_tokens``) and every special token, except whitespace-only ones
-    (Gemma's runs of spaces and newlines are added tokens too, but only layout)."""
-    found: set[str] = set()
-    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    for token in decoder.values():
-        content = getattr(token, "content", token)
-        if isinstance(content, str):
-            found.add(content)
-    for token in getattr(tokenizer, "all_special_tokens", None) or ():
-        if isinstance(token, str):
-            found.add(token)
-    return sorted((t for t in found if t.strip()), key=lambda t: (-len(t), t))
-
-
 @dataclass(frozen=True, slots=True)
 class _MarkerTable:
-    """A tokenizer's marker strings, arranged for a leftmost-longest scan."""
+    """A template's marker strings, arranged for a leftmost-longest scan."""
 
     by_length: dict[int, frozenset[str]]
     lengths: tuple[int, ...]  # longest first
     candidates: re.Pattern[str]  # a character that may start a marker or a placeholder
 
-    @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase) -> _MarkerTable:
-        try:
-            size = len(tokenizer)  # grows when tokens are added
-        except Exception:
-            size = None
-        cached = _TABLES.get(tokenizer) if size is not None else None
-        if cached is not None and cached[0] == size:
-            return cached[1]
-        strings = marker_strings(tokenizer)
-        groups: dict[int, set[str]] = {}
-        for text in strings:
-            groups.setdefault(len(text), set()).add(text)
-        firsts = "".join(re.escape(c) for c in sorted({text[0] for text in strings}))
-        table = cls(
-            {n: frozenset(g) for n, g in groups.items()},
-            tuple(sorted(groups, reverse=True)),
-            re.compile(f"[{firsts}\U000f0000-\U000f001f]"),
-        )
-        if size is not None:
-            with contextlib.suppress(TypeError):  # a tokenizer that takes no weak reference
-                _TABLES[tokenizer] = (size, table)
-        return table
 
-
-_TABLES: weakref.WeakKeyDictionary[Any, tuple[int, _MarkerTable]] = weakref.WeakKeyDictionary()
+@functools.lru_cache(maxsize=16)
+def _table(strings: tuple[str, ...]) -> _MarkerTable:
+    """The scan table of a template's markers (built once per set of markers)."""
+    groups: dict[int, set[str]] = {}
+    for text in strings:
+        groups.setdefault(len(text), set()).add(text)
+    firsts = "".join(re.escape(c) for c in sorted({text[0] for text in strings}))
+    return _MarkerTable(
+        {n: frozenset(g) for n, g in groups.items()},
+        tuple(sorted(groups, reverse=True)),
+        re.compile(f"[{firsts}\U000f0000-\U000f001f]"),
+    )
 
 
 class _Markers:
     """Hides special-token strings in a chat's text and finds the template's own markers."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        table = _MarkerTable.of(tokenizer)
+    def __init__(self, markers: Sequence[str]) -> None:
+        table = _table(tuple(markers))
         self.by_length = table.by_length
         self.lengths = table.lengths
         self.candidates = table.candidates
@@ -380,13 +346,6 @@ class _Markers:
         )
 
 
-def reads_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the tokenizer's chat template renders a ``tools`` variable."""
-    template = getattr(tokenizer, "chat_template", None)
-    templates = template.values() if isinstance(template, dict) else [template or ""]
-    return any("tools" in t for t in templates)
-
-
 def _plain_turns(turns: Sequence[ChatMessage], native: bool) -> list[ChatMessage]:
     """For a template that knows no tools: a tool's result becomes a user turn."""
     if native:
@@ -424,25 +383,16 @@ def _template_message(turn: ChatMessage, native: bool) -> dict[str, Any]:
     return {"role": "assistant", "content": turn.content, "tool_calls": calls}
 
 
-def _render(
-    tokenizer: PreTrainedTokenizerBase,
-    chat: list[dict[str, Any]],
-    tools: Sequence[dict[str, Any]] | None = None,
-) -> str:
-    return tokenizer.apply_chat_template(
-        chat, tools=tools, tokenize=False, continue_final_message=True
-    )
-
-
 def render_prompts(
     messages: Sequence[ChatMessage],
-    nudging_tokenizer: PreTrainedTokenizerBase,
+    chat_template: ChatTemplate | None,
     fmt: BasePromptFormat | None = None,
     output: OutputSpec | None = None,
 ) -> Prompts:
     """Both prompts for one conversation (and what its answer must be).
 
-    A nudging tokenizer without a chat template reads the base transcript too. A conversation
+    ``chat_template`` is the nudging model's; without one (``None``), the nudging model reads
+    the base transcript too. A conversation
     without a system message gets ``fmt.system`` in both prompts; an empty system message is an
     empty system in both.
     """
@@ -456,15 +406,15 @@ def render_prompts(
     stop = fmt.stop
     if output.callable_tools or any(t.role == "tool" or t.tool_calls for t in turns):
         stop = (*stop, fmt.tool_stop)
-    if not getattr(nudging_tokenizer, "chat_template", None):
+    if chat_template is None:
         return Prompts(base=base, nudging=base, stop=stop)
     tools = None
-    if output.callable_tools and reads_tools(nudging_tokenizer):
+    if output.callable_tools and chat_template.reads_tools:
         # The template lists the tools itself; the system keeps the format rules.
         tools = [tool.openai() for tool in output.callable_tools]
         instructions = output.instructions(list_tools=False)
     chat_system = _join(given, instructions)
-    nudging = chat_prompt(nudging_tokenizer, chat_system, turns, prefix, tools)
+    nudging = chat_prompt(chat_template, chat_system, turns, prefix, tools)
     return Prompts(base=base, nudging=nudging, stop=stop)
 
 

@@ -3,7 +3,8 @@
 Every question re-tokenizes ``prompt + answer`` and recomputes it from scratch (a base-model
 boundary check is one full forward pass; a window or a draft is one ``model.generate`` call),
 which is what the authors' code does through a completions API. Correct output is defined as
-what this produces; the cached backend must match it in greedy float32.
+what this produces; the cached backend must match it in greedy float32
+(docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 from transformers import GenerationConfig
 
 from .algorithm import NudgingRun
-from .backends.base import Token
-from .backends.hf import CARRY_TOKENS, StopFinder, TokenChooser, TokenizerText, window_full
-from .config import NudgingConfig, SamplingConfig
+from .backends.base import SessionStats, Token
+from .backends.cached import CARRY_TOKENS, StopFinder, window_full
+from .backends.hf import TokenChooser, TokenizerText
+from .config import NudgingConfig, SamplingConfig, confident
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -32,19 +34,22 @@ class ReferenceModel:
         self.text = TokenizerText(
             loaded.tokenizer, loaded.model, loaded.context_window, loaded.name
         )
-        self.forward_passes = 0
-        self.tokens_processed = 0
 
     def session(self, prompt: str, sampling: SamplingConfig) -> ReferenceSession:
         return ReferenceSession(self, prompt, sampling)
 
 
 class ReferenceSession:
+    """The questions of :class:`~.backends.base.TextSession` that the algorithm asks, each
+    answered from scratch."""
+
     def __init__(self, owner: ReferenceModel, prompt: str, sampling: SamplingConfig) -> None:
         self._owner = owner
         self._prompt = prompt
         owner.text.encode(prompt)
         self._chooser = TokenChooser(sampling, owner.model.device)
+        self._forward_passes = 0
+        self._tokens_processed = 0
 
     @torch.inference_mode()
     def peek(self, answer: str) -> Token:
@@ -55,8 +60,8 @@ class ReferenceSession:
             use_cache=False,
             logits_to_keep=1,  # as a completions server computes only the next token's
         ).logits[0, -1]
-        self._owner.forward_passes += 1
-        self._owner.tokens_processed += len(ids)
+        self._forward_passes += 1
+        self._tokens_processed += len(ids)
         token_id, top1, top2 = self._chooser.choose(logits)
         return Token(text.texts(ids, [token_id])[0], top1, top2, token_id in text.stop_ids)
 
@@ -65,7 +70,6 @@ class ReferenceSession:
         for answer in answers:
             yield self.peek(answer)
 
-    @torch.inference_mode()
     def generate(
         self,
         answer: str,
@@ -74,6 +78,20 @@ class ReferenceSession:
         min_prob: float | None = None,
         first: Token | None = None,
         stop: Sequence[str] = (),
+    ) -> Iterator[Token]:
+        """One ``model.generate`` call for the whole window (its longest possible length),
+        run when the first token is asked for; the tokens are then yielded one by one up to
+        where the window ends."""
+        yield from self._window(answer, max_new_tokens, min_prob, first, stop)
+
+    @torch.inference_mode()
+    def _window(
+        self,
+        answer: str,
+        max_new_tokens: int,
+        min_prob: float | None,
+        first: Token | None,
+        stop: Sequence[str],
     ) -> list[Token]:
         text = self._owner.text
         ids = text.encode(self._prompt, answer)
@@ -90,13 +108,14 @@ class ReferenceSession:
             return_dict_in_generate=True,
         )
         device = self._owner.model.device
-        result = self._owner.model.generate(
+        # nn.Module's __getattr__ typing hides GenerationMixin.generate from type checkers.
+        result = self._owner.model.generate(  # type: ignore[operator]
             input_ids=torch.tensor([ids], device=device),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
             generation_config=config,
         )
-        self._owner.forward_passes += len(result.logits)
-        self._owner.tokens_processed += len(ids) + len(result.logits) - 1
+        self._forward_passes += len(result.logits)
+        self._tokens_processed += len(ids) + len(result.logits) - 1
         new = result.sequences[0, len(ids) :].tolist()
         detokenizer = text.detokenizer(ids)
         stops = StopFinder(stop, answer)
@@ -107,7 +126,7 @@ class ReferenceSession:
             if k == 0 and first is not None:
                 token = first
             out.append(token)
-            low = min_prob is not None and token.top1_prob < min_prob
+            low = min_prob is not None and not confident(token.top1_prob, min_prob)
             if token.is_eos or (low and not (k == 0 and first is not None)):
                 break
             if stops.found(token.text) or window_full(out, max_new_tokens, detokenizer):
@@ -119,6 +138,16 @@ class ReferenceSession:
 
     def truncate_tokens(self, text: str, max_tokens: int) -> str:
         return self._owner.text.truncate(text, max_tokens)
+
+    def allowed_mass(self, answer: str, grammar: str) -> float:
+        raise NotImplementedError("the reference answers unconstrained requests only")
+
+    def constrain(self, grammar: str | None) -> None:
+        if grammar is not None:
+            raise NotImplementedError("the reference answers unconstrained requests only")
+
+    def stats(self) -> SessionStats:
+        return SessionStats(self._forward_passes, self._tokens_processed)
 
     def close(self) -> None:
         pass

@@ -1,4 +1,4 @@
-"""The nudging loop (DESIGN.md section 1), driven by scripted text models.
+"""The nudging loop (docs/algorithm.md), driven by scripted text models.
 
 The scripted models answer every question as a fixed function of the answer text, so each
 test states exactly where the base model agrees, is confident or is unsure, and what the
@@ -23,11 +23,12 @@ from langchain_nudging.algorithm import (
     Segment,
     SoloRun,
     agrees,
+    copy_in_progress,
     repeated_suffix_length,
     split_draft,
 )
 from langchain_nudging.backends.base import ContextWindowError, Token
-from langchain_nudging.config import NudgingConfig
+from langchain_nudging.config import NudgingConfig, confident
 
 SURE = 0.9
 EOS_MARK = "<eos>"  # ends a scripted draft with the nudging model's end-of-sequence token
@@ -92,7 +93,11 @@ def ends_with_stop(answer: str, text: str, stop: Sequence[str]) -> bool:
 
 
 class ScriptedBase:
-    """A base-model :class:`TextSession` whose next token is a function of the answer."""
+    """A base-model :class:`TextSession` whose next token is a function of the answer.
+
+    ``log`` records, in order, each token as a window yields it (``("token", text)``); a
+    test may append what it receives to the same list to see when text was streamed.
+    """
 
     def __init__(
         self,
@@ -102,6 +107,7 @@ class ScriptedBase:
         self.rules = dict(rules or {})
         self.fallback = fallback
         self.calls: list[tuple[Any, ...]] = []
+        self.log: list[tuple[str, str]] = []
 
     def next_token(self, answer: str) -> Token:
         if answer in self.rules:
@@ -124,28 +130,38 @@ class ScriptedBase:
         min_prob: float | None = None,
         first: Token | None = None,
         stop: Sequence[str] = (),
-    ) -> list[Token]:
+    ) -> Iterator[Token]:
         assert max_new_tokens >= 1
         if first is not None:  # the contract: ``first`` is this session's peek of ``answer``
             assert self.calls, "generate(first=...) before any peek"
             assert self.calls[-1] == ("peek", answer), self.calls[-1]
             assert first == self.next_token(answer)
         self.calls.append(("generate", answer, max_new_tokens, min_prob, first))
-        out: list[Token] = []
+        return self._window(answer, max_new_tokens, min_prob, first, stop)
+
+    def _window(
+        self,
+        answer: str,
+        max_new_tokens: int,
+        min_prob: float | None,
+        first: Token | None,
+        stop: Sequence[str],
+    ) -> Iterator[Token]:
+        """The window's tokens, each decided only when the caller asks for it."""
         text = answer
         for k in range(max_new_tokens):
             given = k == 0 and first is not None
             token = first if given else self.next_token(text)
             assert token is not None
-            out.append(token)
+            self.log.append(("token", token.text))
+            yield token
             if token.is_eos:
-                break
-            if min_prob is not None and token.top1_prob < min_prob and not given:
-                break
+                return
+            if min_prob is not None and not confident(token.top1_prob, min_prob) and not given:
+                return
             text += token.text
             if ends_with_stop(answer, text, stop):
-                break
-        return out
+                return
 
     def count_tokens(self, text: str) -> int:
         return count_pieces(text)
@@ -204,12 +220,12 @@ class ScriptedNudge:
         min_prob: float | None = None,
         first: Token | None = None,
         stop: Sequence[str] = (),
-    ) -> list[Token]:
+    ) -> Iterator[Token]:
         assert min_prob is None, "the nudging model drafts whatever its confidence"
         assert not stop, "a draft is never cut by stop strings"
         assert first is None
         self.calls.append((answer, max_new_tokens))
-        return self.draft(answer)[:max_new_tokens]
+        return iter(self.draft(answer)[:max_new_tokens])
 
     def count_tokens(self, text: str) -> int:
         raise AssertionError("answer length is counted with the base model's tokenizer")
@@ -237,8 +253,7 @@ class Drive:
             assert segment.source in ("base", "nudge")
             self.segments.append(segment)
             self.answer_at_yield.append(self.run.text)
-            streamed = "".join(s.text for s in self.segments)
-            assert self.run.text.startswith(streamed), "streamed text was taken back"
+        # Streamed text is never taken back: the final text is the stream.
         assert "".join(s.text for s in self.segments) == self.run.text
         assert self.run.finish_reason is not None
 
@@ -421,7 +436,8 @@ def test_gamma_zero_base_is_always_confident() -> None:
     assert d.triples == [
         ("Once", "nudge", None),
         (" more", "base", 0.0),
-        (" and more", "base", 0.0),
+        (" and", "base", 0.01),  # streamed token by token as the window is written
+        (" more", "base", 0.0),
     ]
     assert d.reason == "stop"
 
@@ -456,7 +472,8 @@ def test_base_turn_ends_at_the_first_token_below_gamma_which_is_not_taken() -> N
     assert d.triples == [
         ("A", "nudge", None),  # no base question before the first word
         (" b", "base", 0.6),  # the boundary token: its own probability
-        (" c d", "base", 0.4),  # a base segment: its least top-1 probability
+        (" c", "base", SURE),  # base text: the least top-1 probability of its window so far
+        (" d", "base", 0.4),
         (" e", "nudge", 0.39),  # a nudge segment: the probability where the base handed over
     ]
     assert base.generates == [("A", 16, 0.4, tok(" b", 0.6))]
@@ -488,13 +505,7 @@ def test_base_rereads_the_answer_at_every_chunk_window() -> None:
         ("A b c d", 3, 0.4, None),
         ("A b c d e f g", 3, 0.4, None),
     ]
-    assert d.pairs == [
-        ("A", "nudge"),
-        (" b", "base"),
-        (" c d", "base"),
-        (" e f g", "base"),
-        (" h", "base"),
-    ]
+    assert d.pairs == [("A", "nudge")] + [(f" {w}", "base") for w in "bcdefgh"]
 
 
 def test_base_continues_in_windows_of_one_token() -> None:
@@ -614,7 +625,8 @@ def test_stop_string_inside_one_segment() -> None:
     base = ScriptedBase(script("A", tok(" b"), tok(" c"), tok(" STOP"), tok(" d"), eos()))
     nudge = ScriptedNudge({"": "A z"})
     d = Drive(base, nudge, stop=["STOP"])
-    assert d.pairs == [("A", "nudge"), (" b", "base"), (" c ", "base")]
+    # " " is released when " STOP" arrives: the text before the stop string is settled.
+    assert d.pairs == [("A", "nudge"), (" b", "base"), (" c", "base"), (" ", "base")]
     assert d.text == "A b c "
     assert d.reason == "stop"
     assert len(nudge.calls) == 1
@@ -657,7 +669,8 @@ def test_max_tokens_cuts_a_base_segment_exactly() -> None:
     base = ScriptedBase(fallback=follows("A b c d e f g"))
     nudge = ScriptedNudge({"": "A z"})
     d = Drive(base, nudge, max_tokens=5)
-    assert d.pairs == [("A", "nudge"), (" b", "base"), (" c d e", "base")]
+    # " e" reaches the cap: it is released only when the window ends and the cut is made.
+    assert d.pairs == [("A", "nudge")] + [(f" {w}", "base") for w in "bcde"]
     assert count_pieces(d.text) == 5
     assert d.reason == "length"
     assert len(nudge.calls) == 1
@@ -705,7 +718,8 @@ def test_repeated_suffix_stops_with_the_second_copy_cut() -> None:
     )
     nudge = ScriptedNudge({"": "Say: z"})
     d = Drive(base, nudge, min_repeat_chars=10)
-    assert d.pairs == [("Say:", "nudge"), (" I", "base"), (" like tea.", "base")]
+    # The second copy was held back while it was written (it might have been one), then cut.
+    assert d.pairs == [("Say:", "nudge"), (" I", "base"), (" like", "base"), (" tea.", "base")]
     assert d.reason == "repetition"
 
 
@@ -872,6 +886,121 @@ def test_writer_max_tokens_applies_when_a_repeated_suffix_is_also_cut() -> None:
     assert (w.answer, w.finish_reason) == ("w1 w2 w3", "length")
 
 
+# -- token-level streaming (docs/algorithm.md, "Streaming") --------------------------------
+
+
+def streamed_log(base: ScriptedBase, nudge: ScriptedNudge, **config: Any) -> list[str]:
+    """The run's events in order: ``"t:..."`` when the base model decides a window token,
+    ``"s:..."`` when text is streamed."""
+    run = NudgingRun(base, nudge, NudgingConfig(**config))
+    for segment in run:
+        base.log.append(("text", segment.text))
+    return [("t:" if kind == "token" else "s:") + text for kind, text in base.log]
+
+
+def test_a_base_window_is_streamed_token_by_token_as_it_is_written() -> None:
+    base = ScriptedBase(script("A", tok(" b"), tok(" c"), tok(" d"), tok(" e", 0.1)))
+    nudge = ScriptedNudge({"": "A z", "A b c d": " e.<eos>"})
+    log = streamed_log(base, nudge)
+    # Each token's text is streamed before the next token is decided; the unsure " e" is not.
+    assert log == ["s:A", "s: b", "t: b", "t: c", "s: c", "t: d", "s: d", "t: e", "s: e."]
+
+
+def test_a_window_a_loop_breaker_discards_is_never_streamed() -> None:
+    base = ScriptedBase(fallback=lambda answer: tok(" la"))
+    nudge = ScriptedNudge({"": "A z", "A la la la": "<eos>"})
+    log = streamed_log(base, nudge, chunk_tokens=3)
+    # Window 1: " la" is already in the answer (it might be discarded), " la la" is not.
+    # Window 2 writes " la la la", which this round's base text holds: discarded, never shown.
+    assert log == ["s:A", "s: la", "t: la", "t: la", "t: la", "s: la la",
+                   "t: la", "t: la", "t: la"]  # fmt: skip
+
+
+def test_a_long_passage_already_in_the_answer_is_never_streamed() -> None:
+    passage = [" two", " three", " four", " five", " six", " seven"]
+    base = ScriptedBase(script(COUNT + " Again:", tok(" one"), *map(tok, passage), LOST))
+    written = COUNT + " Again: one"
+    nudge = ScriptedNudge({"": COUNT + " eight", COUNT: " Again: x", written: "<eos>"})
+    log = streamed_log(base, nudge)
+    window = log[log.index("t: one") + 1 :]
+    assert window == [f"t:{word}" for word in [*passage, " ?"]]  # no text among them
+
+
+def test_a_stop_string_start_is_held_within_a_window() -> None:
+    base = ScriptedBase(script("A", tok(" b"), tok(" <"), tok("/"), tok("x"), LOST))
+    nudge = ScriptedNudge({"": "A z", "A b </x": "<eos>"})
+    log = streamed_log(base, nudge, stop=["</s>"])
+    assert log == ["s:A", "s: b", "t: b", "t: <", "s: ", "t:/", "t:x", "s:</x", "t: ?"]
+
+
+def test_copy_in_progress() -> None:
+    assert copy_in_progress("abcdefghij abc", 4) == 3  # "abc" occurs 11 characters back
+    assert copy_in_progress("abcdefghij abc", 12) == 0  # not that far back
+    assert copy_in_progress("xyz", 1) == 0
+    assert copy_in_progress("", 3) == 0
+    assert copy_in_progress("a" * 10, 3) == 7
+
+
+def test_writer_preview_releases_settled_text_and_append_the_rest() -> None:
+    w = writer(stop=["STOP"])
+    w.append(Segment("a", "nudge"))
+    assert w.preview(Segment(" b S", "base", 0.9)) == [Segment(" b ", "base", 0.9)]
+    assert w.preview(Segment(" b ST", "base", 0.8)) == []
+    assert w.preview(Segment(" b STOP", "base", 0.7)) == []
+    assert w.answer == "a"  # previews append nothing
+    assert w.append(Segment(" b STOP x", "base", 0.7)) == []
+    assert (w.answer, w.finish_reason) == ("a b ", "stop")
+
+
+def test_writer_preview_stops_before_the_token_cap() -> None:
+    w = writer(max_tokens=3)
+    assert w.preview(Segment("a b", "base", 0.9)) == [Segment("a b", "base", 0.9)]
+    assert w.preview(Segment("a b c", "base", 0.9)) == []  # at the cap: the cut decides
+    assert w.append(Segment("a b c d", "base", 0.9)) == [Segment(" c", "base", 0.9)]
+    assert (w.answer, w.finish_reason) == ("a b c", "length")
+
+
+def test_writer_preview_holds_a_possible_second_copy_unless_repetition_stops_are_off() -> None:
+    w = writer(min_repeat_chars=5)
+    assert w.preview(Segment("hello, hel", "base", 0.9)) == [Segment("hello, ", "base", 0.9)]
+    assert w.append(Segment("hello, hello, ", "base", 0.9)) == []
+    assert (w.answer, w.finish_reason) == ("hello, ", "repetition")
+    w = writer(min_repeat_chars=5, repetition_stops=False)
+    assert w.preview(Segment("hello, hel", "base", 0.9)) == [Segment("hello, hel", "base", 0.9)]
+    assert w.append(Segment("hello, hello, ", "base", 0.9)) == [Segment("lo, ", "base", 0.9)]
+    assert (w.answer, w.finish_reason) == ("hello, hello, ", None)
+
+
+def test_writer_finish_keeps_previewed_text() -> None:
+    w = writer()
+    w.append(Segment("a", "nudge"))
+    assert w.preview(Segment(" b c", "base", 0.9)) == [Segment(" b c", "base", 0.9)]
+    assert w.finish("length") == []  # the window's model failed: what was streamed stays
+    assert (w.answer, w.finish_reason) == ("a b c", "length")
+
+
+def test_writer_cuts_never_reach_text_a_preview_released() -> None:
+    # The documented edge case: "xyzabc" twice, then "abc" twice, in one window. Appended
+    # whole, both second copies would be cut ("0xyzabc"); the second "xyzabc" was streamed
+    # while "abc" was being repeated, so only the second "abc" is cut.
+    w = writer(min_repeat_chars=3)
+    w.append(Segment("0", "nudge"))
+    window = "xyzabcxyzabcabc"
+    streamed = "".join(
+        s.text for k in range(1, len(window) + 1) for s in w.preview(Segment(window[:k], "base"))
+    )
+    assert streamed == "xyzabcxyzabc"
+    assert w.append(Segment(window, "base")) == []
+    assert (w.answer, w.finish_reason) == ("0xyzabcxyzabc", "repetition")
+
+
+def test_without_repetition_stops_the_same_nudges_go_on() -> None:
+    nudge = ScriptedNudge(lambda answer: " again and")
+    d = Drive(ScriptedBase(), nudge, repetition_stops=False, max_rounds=6)
+    assert d.text == " again" * 6
+    assert d.reason == "round_cap"
+
+
 # -- one model alone (the baselines) and a full context window --------------------------------
 
 
@@ -881,7 +1010,7 @@ def test_solo_run_writes_windows_until_eos_with_the_same_stop_rules() -> None:
     segments = list(run)
     assert run.text == "One two three four five six seven."
     assert "".join(s.text for s in segments) == run.text
-    assert [s.text for s in segments] == ["One two three", " four five six", " seven."]
+    assert [s.text for s in segments] == pieces(run.text)  # streamed token by token
     assert {s.source for s in segments} == {"base"}
     assert run.finish_reason == "stop"
     assert run.rounds == 3
@@ -914,7 +1043,7 @@ class FullContext(ScriptedBase):
         super().__init__(**kwargs)
         self.limit = limit
 
-    def generate(self, answer: str, max_new_tokens: int, **kwargs: Any) -> list[Token]:
+    def generate(self, answer: str, max_new_tokens: int, **kwargs: Any) -> Iterator[Token]:
         if len(answer) >= self.limit:
             raise ContextWindowError("prompt + answer would exceed the context window")
         return super().generate(answer, max_new_tokens, **kwargs)
@@ -947,8 +1076,9 @@ def test_a_short_final_window_already_in_the_passage_is_kept() -> None:
     base = ScriptedBase(script("A", tok(" la"), tok(","), tok(" la"), tok(" la"), tok(" end", 0.1)))
     nudge = ScriptedNudge({"": "A z", "A la, la la": " end.<eos>"})
     d = Drive(base, nudge, chunk_tokens=3)
-    assert d.pairs == [("A", "nudge"), (" la", "base"), (", la", "base"), (" la", "base"),
-                       (" end.", "nudge")]  # fmt: skip
+    # The last window, " la", is already in the answer: it is held until it ends, then kept.
+    assert d.pairs == [("A", "nudge"), (" la", "base"), (",", "base"), (" la", "base"),
+                       (" la", "base"), (" end.", "nudge")]  # fmt: skip
     assert d.reason == "stop"
 
 
@@ -1109,10 +1239,7 @@ def test_every_nudged_run_ends_and_keeps_its_rules(
     base = ScriptedBase(fallback=base_rule)
     nudge = CountingNudge(draft_rule)
     run = NudgingRun(base, nudge, config, ("\nQuestion:", "\nAnswer:") if markers else ())
-    segments = []
-    for segment in run:
-        segments.append(segment)
-        assert run.text.startswith("".join(s.text for s in segments))
+    segments = list(run)
     _check_outcome(run, segments, config)
     # The bound of docs/algorithm.md ("Termination").
     assert run.rounds <= config.max_rounds

@@ -25,10 +25,21 @@ from langchain_core.messages import ChatMessage as LangChainChatMessage
 from langchain_tests.unit_tests import ChatModelUnitTests
 
 from langchain_nudging import NudgedChatModel
+from langchain_nudging.backends.registry import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, text_model
 from langchain_nudging.chat import model as cm
-from langchain_nudging.config import SamplingConfig
-from langchain_nudging.serving.engine import NudgingEngine, RequestHandle, shared_engine
+from langchain_nudging.chat.chunks import finish_reason_for
+from langchain_nudging.chat.messages import to_chat_messages
+from langchain_nudging.chat.options import CallOptions
+from langchain_nudging.config import (
+    ALGORITHM_KNOBS,
+    SAMPLING_KNOBS,
+    NudgingConfig,
+    SamplingConfig,
+)
 from langchain_nudging.prompts import ChatMessage
+from langchain_nudging.serving.engine import NudgingEngine
+from langchain_nudging.serving.handle import RequestHandle
+from langchain_nudging.serving.shared import shared_engine
 
 STORY = "Tell me a story."  # runs for hundreds of tokens on the tiny pair
 QUESTION = "What is the capital of France?"
@@ -61,9 +72,10 @@ def long_chat(llama_a: Any, gemma_b: Any) -> NudgedChatModel:
 
 @pytest.fixture
 def engine(llama_a: Any, gemma_b: Any) -> Iterator[NudgingEngine]:
-    engine = shared_engine(llama_a, gemma_b)
+    """The shared engine the chat models of these tests use; idle again after each test."""
+    engine = shared_engine(text_model(llama_a), text_model(gemma_b))
     yield engine
-    wait_idle(engine)
+    assert engine.wait_idle(timeout=20)
 
 
 @pytest.fixture
@@ -81,22 +93,9 @@ def handles(monkeypatch: pytest.MonkeyPatch) -> list[RequestHandle]:
     return submitted
 
 
-def wait_idle(engine: NudgingEngine, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (engine.live_requests or engine.live_sessions) and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert engine.live_requests == 0
-    assert engine.live_sessions == 0
-
-
-async def await_idle(engine: NudgingEngine, timeout: float = 20.0) -> None:
-    """Poll the engine's counts (they have no event to wait on) without blocking the loop."""
-    for _ in range(int(timeout / 0.01)):
-        if not (engine.live_requests or engine.live_sessions):
-            break
-        await asyncio.sleep(0.01)
-    assert engine.live_requests == 0
-    assert engine.live_sessions == 0
+async def await_idle(engine: NudgingEngine) -> None:
+    """``engine.wait_idle`` off the event loop."""
+    assert await asyncio.to_thread(engine.wait_idle, 20)
 
 
 class TokenRecorder(BaseCallbackHandler):
@@ -121,30 +120,40 @@ def segments_of(message: BaseMessage) -> list[dict[str, Any]]:
 
 
 def test_construction_loads_nothing() -> None:
-    with mock.patch.object(cm, "load_model", side_effect=AssertionError("loaded")) as load:
+    with mock.patch.object(cm, "text_model", side_effect=AssertionError("loaded")) as load:
         model = NudgedChatModel(temperature=0, max_tokens=100, timeout=60, stop=[], api_key="k")
         model._identifying_params  # noqa: B018
         model._get_ls_params()
     assert load.call_count == 0
 
 
-def test_load_goes_through_the_registry_once(llama_a: Any, gemma_b: Any) -> None:
-    sources = {cm.BUNDLED_BASE_ID: llama_a, cm.BUNDLED_NUDGING_ID: gemma_b}
-    with mock.patch.object(cm, "load_model", side_effect=lambda s, **_: sources[s]) as load:
+def test_models_come_from_the_factory(llama_a: Any, gemma_b: Any) -> None:
+    models = {BUNDLED_BASE_ID: text_model(llama_a), BUNDLED_NUDGING_ID: text_model(gemma_b)}
+    with mock.patch.object(cm, "text_model", side_effect=lambda s, **_: models[s]) as factory:
         first, second = NudgedChatModel(max_tokens=8), NudgedChatModel(max_tokens=8)
-        assert load.call_count == 0
+        assert factory.call_count == 0
         assert first.load() is first
-        assert load.call_count == 2
+        assert [c.args for c in factory.call_args_list] == [
+            (BUNDLED_BASE_ID,),
+            (BUNDLED_NUDGING_ID,),
+        ]
         assert first.invoke(QUESTION).content
-        assert load.call_count == 2  # cached on the instance after the first load
-        assert second.get_engine() is first.get_engine() is shared_engine(llama_a, gemma_b)
-    assert load.call_args.kwargs == {
-        "dtype": "auto",
-        "device": None,
-        "device_map": None,
-        "trust_remote_code": False,
-        "cache_dir": None,
-    }
+        engine = shared_engine(models[BUNDLED_BASE_ID], models[BUNDLED_NUDGING_ID])
+        assert second.get_engine() is first.get_engine() is engine
+        assert first.get_token_ids("Paris") == models[BUNDLED_BASE_ID].token_ids("Paris")
+        # Only the loading fields that differ from their defaults reach the factory.
+        assert factory.call_args.kwargs == {}
+        NudgedChatModel(dtype="float32", device="cpu").load()
+        assert factory.call_args.kwargs == {"dtype": "float32", "device": "cpu"}
+
+
+@pytest.mark.parametrize(("field", "value"), [("dtype", "int8"), ("device", "not-a-device")])
+def test_bad_loading_options_fail_when_the_models_load(field: str, value: Any) -> None:
+    model = NudgedChatModel(**{field: value})  # the backend that serves a spec checks them
+    with pytest.raises(ValueError, match=field):
+        model.load()
+    with pytest.raises(ValueError, match=field):
+        model.invoke(QUESTION)
 
 
 @pytest.mark.parametrize(
@@ -164,8 +173,6 @@ def test_load_goes_through_the_registry_once(llama_a: Any, gemma_b: Any) -> None
         ("timeout", 0),
         ("stop", [""]),
         ("nudging_model", 3),
-        ("dtype", "int8"),
-        ("device", "not-a-device"),
         ("base_user_prefix", ""),
         ("gama", 0.3),
     ],
@@ -210,13 +217,27 @@ def test_config_building() -> None:
     assert NudgedChatModel().nudging_config().base_sampling.greedy
 
 
+def test_each_knob_is_a_field_a_per_call_option_and_a_config_value() -> None:
+    model = NudgedChatModel()
+    assert model.nudging_config() == NudgingConfig()
+    for name in (*ALGORITHM_KNOBS, *SAMPLING_KNOBS):
+        declared = NudgingConfig.model_fields.get(name) or SamplingConfig.model_fields[name]
+        field = NudgedChatModel.model_fields[name]
+        assert (field.default, field.metadata) == (declared.default, declared.metadata), name
+        assert field.description is not None
+        assert declared.description is not None
+        assert field.description.startswith(declared.description)
+        assert name in CallOptions.model_fields
+        assert name in model._identifying_params
+
+
 def test_tracing_params() -> None:
     model = NudgedChatModel(max_tokens=10, stop=["x"], temperature=0.5)
     assert model._llm_type == "nudging-chat"
     params = model._get_ls_params(stop=["y"])
     assert params == {
         "ls_provider": "nudging",
-        "ls_model_name": cm.BUNDLED_BASE_ID,
+        "ls_model_name": BUNDLED_BASE_ID,
         "ls_model_type": "chat",
         "ls_temperature": 0.5,
         "ls_max_tokens": 10,
@@ -225,8 +246,8 @@ def test_tracing_params() -> None:
     assert model._get_ls_params(model="other/base", max_tokens=3)["ls_model_name"] == "other/base"
     assert model._get_ls_params(max_tokens=3)["ls_max_tokens"] == 3
     identifying = model._identifying_params
-    assert identifying["model"] == cm.BUNDLED_BASE_ID
-    assert identifying["nudging_model"] == cm.BUNDLED_NUDGING_ID
+    assert identifying["model"] == BUNDLED_BASE_ID
+    assert identifying["nudging_model"] == BUNDLED_NUDGING_ID
     assert identifying["gamma"] == 0.4
 
 
@@ -241,7 +262,7 @@ def test_tracing_params() -> None:
     ],
 )
 def test_finish_reason_mapping(engine_reason: str | None, langchain_reason: str) -> None:
-    assert cm.finish_reason_for(engine_reason) == langchain_reason
+    assert finish_reason_for(engine_reason) == langchain_reason
 
 
 # -- messages ----------------------------------------------------------------------------------
@@ -257,7 +278,7 @@ def test_message_conversion() -> None:
         LangChainChatMessage(role="user", content="Yes."),
         LangChainChatMessage(role="developer", content="Stay polite."),
     ]
-    assert cm.to_chat_messages(messages) == [
+    assert to_chat_messages(messages) == [
         ChatMessage("system", "Be brief."),
         ChatMessage("user", "Hi, I am Ana."),
         ChatMessage("user", "Two parts."),
@@ -335,7 +356,7 @@ def test_prompt_over_the_context_window(chat: NudgedChatModel, engine: NudgingEn
 )
 def test_bad_call_options_fail_before_loading(options: dict[str, Any], match: str) -> None:
     model = NudgedChatModel()
-    with mock.patch.object(cm, "load_model", side_effect=AssertionError("loaded")) as load:
+    with mock.patch.object(cm, "text_model", side_effect=AssertionError("loaded")) as load:
         with pytest.raises(ValueError, match=match):
             model.invoke(QUESTION, **options)
         with pytest.raises(ValueError, match=match):
@@ -563,9 +584,9 @@ def test_leaving_stream_early_cancels_the_request(
     for _chunk in long_chat.stream(STORY):
         assert engine.live_requests == 1
         break
-    wait_idle(engine)
+    assert engine.wait_idle(timeout=20)
     (handle,) = handles
-    assert handle.generation.stats.finish_reason == "cancelled"
+    assert handle.result().stats.finish_reason == "cancelled"
     assert long_chat.invoke(QUESTION, max_tokens=8).content
 
 
@@ -595,7 +616,7 @@ async def test_leaving_astream_early_cancels_the_request(
         await task
     await await_idle(engine)
 
-    assert [h.generation.stats.finish_reason for h in handles] == ["cancelled"] * 3
+    assert [h.result().stats.finish_reason for h in handles] == ["cancelled"] * 3
     assert (await long_chat.ainvoke(QUESTION, max_tokens=8)).content
 
 
@@ -604,12 +625,12 @@ def test_timeout_cancels_and_raises(
 ) -> None:
     with pytest.raises(TimeoutError, match=r"timeout=0\.001s"):
         long_chat.invoke(STORY, timeout=0.001)
-    wait_idle(engine)
-    assert handles[0].generation.stats.finish_reason == "cancelled"
+    assert engine.wait_idle(timeout=20)
+    assert handles[0].result().stats.finish_reason == "cancelled"
     timed = long_chat.model_copy(update={"timeout": 0.001})
     with pytest.raises(TimeoutError):
         list(timed.stream(STORY))
-    wait_idle(engine)
+    assert engine.wait_idle(timeout=20)
     assert long_chat.invoke(QUESTION, max_tokens=8, timeout=60).content
 
 
@@ -669,7 +690,7 @@ def test_a_timeout_ends_the_answer_within_one_forward_pass(
         )
         with pytest.raises(TimeoutError):
             chat.invoke(STORY, timeout=0.3)
-        wait_idle(engine)
+        assert engine.wait_idle(timeout=20)
     finally:
         for hook in hooks:
             hook.remove()

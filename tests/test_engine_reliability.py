@@ -12,21 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import torch
 
-from langchain_nudging.serving import engine as engine_module
-from langchain_nudging.backends.local import LocalModel, Step
+from langchain_nudging.backends.base import Work
+from langchain_nudging.backends.local import LocalModel
 from langchain_nudging.config import NudgingConfig
-from langchain_nudging.serving.engine import (
-    EngineWorkerError,
-    Failed,
-    Finished,
-    NudgingEngine,
-    RequestHandle,
-    SegmentEvent,
-)
-from langchain_nudging.serving.generation import NudgingPair
 from langchain_nudging.prompts import ChatMessage
+from langchain_nudging.request import Request
+from langchain_nudging.serving.engine import EngineWorkerError, NudgingEngine
+from langchain_nudging.serving.events import Failed, Finished, SegmentEvent
+from langchain_nudging.serving.generation import NudgingPair
+from langchain_nudging.serving.handle import RequestHandle
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -37,12 +32,12 @@ WINDOW = NudgingConfig(max_tokens=1500, chunk_tokens=96, max_rounds=1000, min_re
 STORY = "Tell me a story."
 
 
-def ask(question: str) -> list[ChatMessage]:
-    return [ChatMessage("user", question)]
+def ask(question: str, config: NudgingConfig = SHORT, mode: Any = "nudged") -> Request:
+    return Request([ChatMessage("user", question)], config, mode)
 
 
 def alone(pair: NudgingPair, question: str, config: NudgingConfig = SHORT) -> str:
-    return "".join(s.text for s in pair.generate(ask(question), config))
+    return "".join(s.text for s in pair.generate(ask(question, config)))
 
 
 def within(timeout: float, fn: Callable[..., Any], *args: Any) -> Any:
@@ -73,39 +68,50 @@ def outcome(handle: RequestHandle) -> Finished | BaseException:
 
 
 class Passes:
-    """Counts the forward passes of each request (by its prompts) as they enter the engine's
-    ``forward_together``; ``before(model, steps)`` runs first, in the thread running them."""
+    """Counts the forward passes of each request as the pair's models run them (their
+    ``run_together``); ``before(requests)`` runs first, in the thread running them, with the
+    ids of the requests whose passes they are."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.counts: Counter[int] = Counter()
-        self.before: Callable[[LocalModel, list[Step]], None] | None = None
+        self.before: Callable[[list[int]], None] | None = None
         self._lock = threading.Lock()
-        real = engine_module.forward_together
+        self._owners: dict[int, int] = {}  # id(work) -> request id, while the work is asked
+        scheduled, together = NudgingEngine._run, LocalModel.run_together
 
-        def counted(model: LocalModel, steps: list[Step]) -> list[torch.Tensor]:
+        def asked(engine: NudgingEngine, handle: RequestHandle, work: Work) -> Any:
             with self._lock:
-                for step in steps:
-                    self.counts[id(step.session._prompt)] += 1
-            if self.before is not None:
-                self.before(model, steps)
-            return real(model, steps)
+                self._owners[id(work)] = handle.id
+            try:
+                return scheduled(engine, handle, work)
+            finally:
+                with self._lock:
+                    del self._owners[id(work)]
 
-        monkeypatch.setattr(engine_module, "forward_together", counted)
+        def counted(model: LocalModel, works: list[Work]) -> Any:
+            with self._lock:
+                requests = [self._owners.get(id(work), 0) for work in works]
+                self.counts.update(requests)
+            if self.before is not None:
+                self.before(requests)
+            return together(model, works)
+
+        monkeypatch.setattr(NudgingEngine, "_run", asked)
+        monkeypatch.setattr(LocalModel, "run_together", counted)
 
     def of(self, handle: RequestHandle) -> int:
-        prompts = handle.generation.prompts
         with self._lock:
-            return self.counts[id(prompts.base)] + self.counts[id(prompts.nudging)]
+            return self.counts[handle.id]
+
+    def queued(self, engine: NudgingEngine, handle: RequestHandle) -> bool:
+        """Whether a pass of ``handle`` waits for the engine's worker."""
+        with engine._wakeup, self._lock:
+            return any(self._owners.get(id(p.work)) == handle.id for p in engine._passes)
 
 
 @pytest.fixture
 def passes(monkeypatch: pytest.MonkeyPatch) -> Passes:
     return Passes(monkeypatch)
-
-
-def mine(handle: RequestHandle, steps: list[Step]) -> bool:
-    prompts = handle.generation.prompts
-    return any(step.session._prompt is p for step in steps for p in (prompts.base, prompts.nudging))
 
 
 # -- cancellation within one forward pass ---------------------------------------------------------
@@ -117,7 +123,7 @@ def test_cancelling_a_lone_request_stops_it_within_one_forward_pass(
     box: dict[str, Any] = {}
     threads: set[str] = set()
 
-    def before(model: LocalModel, steps: list[Step]) -> None:
+    def before(requests: list[int]) -> None:
         threads.add(threading.current_thread().name)
         handle = box.get("handle")
         if handle is not None and "at" not in box and passes.of(handle) >= 5:
@@ -125,7 +131,7 @@ def test_cancelling_a_lone_request_stops_it_within_one_forward_pass(
             box["at"] = passes.of(handle)
 
     passes.before = before
-    box["handle"] = handle = engine.submit(ask(STORY), WINDOW, mode="base")
+    box["handle"] = handle = engine.submit(ask(STORY, WINDOW, mode="base"))
     end = within(30, handle.result)
     assert end.stats.finish_reason == "cancelled"
     assert "at" in box
@@ -141,18 +147,18 @@ def test_cancelling_a_batched_request_stops_it_within_one_forward_pass(
     them (on the worker's thread) is the last pass the request runs; the other one goes on."""
     box: dict[str, Any] = {}
 
-    def before(model: LocalModel, steps: list[Step]) -> None:
+    def before(requests: list[int]) -> None:
         first = box.get("first")
         on_worker = threading.current_thread().name == "nudging-engine"
-        if first is None or "at" in box or not on_worker or not mine(first, steps):
+        if first is None or "at" in box or not on_worker or first.id not in requests:
             return
         if passes.of(first) >= 5:
             first.cancel()
             box["at"] = passes.of(first)
 
     passes.before = before
-    box["first"] = first = engine.submit(ask(STORY), WINDOW, mode="base")
-    second = engine.submit(ask(QUESTIONS[0]), WINDOW, mode="base")
+    box["first"] = first = engine.submit(ask(STORY, WINDOW, mode="base"))
+    second = engine.submit(ask(QUESTIONS[0], WINDOW, mode="base"))
     end = within(30, first.result)
     assert end.stats.finish_reason == "cancelled"
     assert "at" in box, "no pass of the first request ran on the worker"
@@ -173,27 +179,20 @@ def test_a_cancelled_pass_that_has_not_started_is_withdrawn(
     gate = threading.Event()
     box: dict[str, Any] = {}
 
-    def before(model: LocalModel, steps: list[Step]) -> None:
+    def before(requests: list[int]) -> None:
         blocker = box.get("blocker")
         on_worker = threading.current_thread().name == "nudging-engine"
-        if on_worker and blocker is not None and mine(blocker, steps) and passes.of(blocker) >= 3:
+        mine = blocker is not None and blocker.id in requests
+        if on_worker and mine and passes.of(blocker) >= 3:
             box["stuck"] = True
             gate.wait(30)
 
     passes.before = before
     try:
-        box["blocker"] = blocker = engine.submit(ask(STORY), WINDOW, mode="base")
-        waiter = engine.submit(ask(QUESTIONS[2]), WINDOW, mode="nudging")  # the other model
-        nudging_prompt = waiter.generation.prompts.nudging
-
-        def queued() -> bool:
-            with engine._wakeup:
-                return box.get("stuck", False) and any(
-                    p.step.session._prompt is nudging_prompt for p in engine._passes
-                )
-
+        box["blocker"] = blocker = engine.submit(ask(STORY, WINDOW, mode="base"))
+        waiter = engine.submit(ask(QUESTIONS[2], WINDOW, mode="nudging"))  # the other model
         deadline = time.monotonic() + 30
-        while not queued():
+        while not (box.get("stuck", False) and passes.queued(engine, waiter)):
             assert time.monotonic() < deadline, "the waiter's pass never queued"
             time.sleep(0.005)
         ran = passes.of(waiter)
@@ -201,8 +200,7 @@ def test_a_cancelled_pass_that_has_not_started_is_withdrawn(
         end = within(5, waiter.result)  # the worker is still stuck
         assert end.stats.finish_reason == "cancelled"
         assert passes.of(waiter) == ran, "the withdrawn pass ran"
-        with engine._wakeup:
-            assert not any(p.step.session._prompt is nudging_prompt for p in engine._passes)
+        assert not passes.queued(engine, waiter)
         assert not blocker.done
     finally:
         gate.set()
@@ -212,7 +210,9 @@ def test_a_cancelled_pass_that_has_not_started_is_withdrawn(
 
 
 # -- one forward pass at a time per model --------------------------------------------------------
-def test_a_model_runs_one_forward_pass_at_a_time(pair: NudgingPair) -> None:
+def test_a_model_runs_one_forward_pass_at_a_time(
+    pair: NudgingPair, llama_a: Any, gemma_b: Any
+) -> None:
     """Requests arriving while one runs alone (its passes in its own thread) and the worker
     batching the others: never two passes of one model at once."""
     in_flight: Counter[str] = Counter()
@@ -220,7 +220,7 @@ def test_a_model_runs_one_forward_pass_at_a_time(pair: NudgingPair) -> None:
     threads: set[str] = set()
     lock = threading.Lock()
     hooks = []
-    for name, model in (("base", pair.base), ("nudging", pair.nudging)):
+    for name, loaded in (("base", llama_a), ("nudging", gemma_b)):  # the pair's models
 
         def pre(*_: Any, name: str = name) -> None:
             with lock:
@@ -233,8 +233,8 @@ def test_a_model_runs_one_forward_pass_at_a_time(pair: NudgingPair) -> None:
             with lock:
                 in_flight[name] -= 1
 
-        hooks.append(model.model.register_forward_pre_hook(pre))
-        hooks.append(model.model.register_forward_hook(post))
+        hooks.append(loaded.model.register_forward_pre_hook(pre))
+        hooks.append(loaded.model.register_forward_hook(post))
     engine = NudgingEngine(pair, max_wait=0)  # the worker runs a pass as soon as it is asked
     try:
         configs = [
@@ -244,10 +244,10 @@ def test_a_model_runs_one_forward_pass_at_a_time(pair: NudgingPair) -> None:
         ]
         for k in range(6):
             config, mode = configs[k % 3]
-            first = engine.submit(ask(QUESTIONS[k % 3]), config, mode=mode)
+            first = engine.submit(ask(QUESTIONS[k % 3], config, mode=mode))
             time.sleep(0.03)  # the first one runs alone for a while
-            second = engine.submit(ask(QUESTIONS[(k + 1) % 3]), config, mode=mode)
-            third = engine.submit(ask(STORY), SHORT, mode="base")
+            second = engine.submit(ask(QUESTIONS[(k + 1) % 3], config, mode=mode))
+            third = engine.submit(ask(STORY, SHORT, mode="base"))
             for handle in (first, second, third):
                 within(30, handle.result)
         assert engine.wait_idle(30)
@@ -262,7 +262,7 @@ def test_a_model_runs_one_forward_pass_at_a_time(pair: NudgingPair) -> None:
 
 # -- one consumer per handle -----------------------------------------------------------------------
 def test_result_after_the_end_was_read_returns_the_kept_end(engine: NudgingEngine) -> None:
-    handle = engine.submit(ask(QUESTIONS[0]), SHORT)
+    handle = engine.submit(ask(QUESTIONS[0], SHORT))
     events = within(30, list, handle)
     assert isinstance(events[-1], Finished)
     assert within(5, handle.result) is events[-1]
@@ -278,7 +278,7 @@ def test_result_after_the_end_was_read_returns_the_kept_end(engine: NudgingEngin
 async def test_aresult_after_the_end_was_read_returns_the_kept_end(
     engine: NudgingEngine,
 ) -> None:
-    handle = engine.submit(ask(QUESTIONS[1]), SHORT)
+    handle = engine.submit(ask(QUESTIONS[1], SHORT))
     first = await asyncio.wait_for(handle.aresult(), 30)
     assert await asyncio.wait_for(handle.aresult(), 5) is first
     assert within(5, handle.result) is first
@@ -289,7 +289,7 @@ async def test_aresult_after_the_end_was_read_returns_the_kept_end(
 
 def test_a_kept_failure_is_raised_again(engine: NudgingEngine, exploding_stop_check: str) -> None:
     handle = engine.submit(
-        ask(QUESTIONS[2]), NudgingConfig(max_tokens=24, stop=[exploding_stop_check])
+        ask(QUESTIONS[2], NudgingConfig(max_tokens=24, stop=[exploding_stop_check]))
     )
     for _ in range(2):
         with pytest.raises(ValueError, match="stop check exploded"):
@@ -299,7 +299,7 @@ def test_a_kept_failure_is_raised_again(engine: NudgingEngine, exploding_stop_ch
 
 
 def test_a_second_blocking_consumer_is_refused_at_once(engine: NudgingEngine) -> None:
-    handle = engine.submit(ask(STORY), NudgingConfig(max_tokens=48))
+    handle = engine.submit(ask(STORY, NudgingConfig(max_tokens=48)))
     events = iter(handle)
     assert isinstance(within(30, next, events), SegmentEvent)
     for again in (iter, RequestHandle.segments, RequestHandle.result):
@@ -314,7 +314,7 @@ def test_a_second_blocking_consumer_is_refused_at_once(engine: NudgingEngine) ->
 async def test_a_second_asyncio_consumer_is_refused_at_once(engine: NudgingEngine) -> None:
     """Two tasks iterating one handle: the second raises at once and steals nothing (its
     wake-ups and events stay the first one's)."""
-    handle = engine.submit(ask(STORY), NudgingConfig(max_tokens=48))
+    handle = engine.submit(ask(STORY, NudgingConfig(max_tokens=48)))
     reading = asyncio.Event()
 
     async def consume() -> list[Any]:
@@ -338,7 +338,7 @@ async def test_a_second_asyncio_consumer_is_refused_at_once(engine: NudgingEngin
 
 
 def test_result_after_a_consumer_left_early_waits_for_the_end(engine: NudgingEngine) -> None:
-    handle = engine.submit(ask(STORY), WINDOW)
+    handle = engine.submit(ask(STORY, WINDOW))
     for _event in handle:
         break  # leaving cancels the request
     end = within(30, handle.result)
@@ -349,12 +349,13 @@ def test_result_after_a_consumer_left_early_waits_for_the_end(engine: NudgingEng
 
 # -- a worker thread that dies ---------------------------------------------------------------------
 def break_take_once(engine: NudgingEngine, monkeypatch: pytest.MonkeyPatch) -> list[Any]:
-    """The worker's next ``_take`` raises (an error outside any forward pass); the dead
-    worker's thread is recorded."""
+    """The worker's ``_take`` raises (an error outside any forward pass) the first time every
+    request of ``QUESTIONS`` waits for it: then none is left to start a new worker before the
+    waiting ones notice. The dead worker's thread is recorded."""
     real, dead = engine._take, []
 
     def take() -> Any:
-        if not dead:
+        if not dead and len(engine._passes) == len(QUESTIONS):
             dead.append(threading.current_thread())
             raise RuntimeError("take broke")
         return real()
@@ -367,7 +368,7 @@ def test_a_dead_worker_fails_the_waiting_passes_and_a_new_one_serves(
     engine: NudgingEngine, pair: NudgingPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dead = break_take_once(engine, monkeypatch)
-    handles = [engine.submit(ask(q), SHORT) for q in QUESTIONS]
+    handles = [engine.submit(ask(q, SHORT)) for q in QUESTIONS]
     ends = [within(30, outcome, handle) for handle in handles]
     failed = [end for end in ends if isinstance(end, BaseException)]
     assert failed, "no pass was waiting for the worker"
@@ -377,11 +378,11 @@ def test_a_dead_worker_fails_the_waiting_passes_and_a_new_one_serves(
     for question, end in zip(QUESTIONS, ends, strict=True):
         if isinstance(end, Finished):
             assert end.text == alone(pair, question)
-    assert within(30, engine.submit(ask(QUESTIONS[1]), SHORT).result).text == alone(
+    assert within(30, engine.submit(ask(QUESTIONS[1], SHORT)).result).text == alone(
         pair, QUESTIONS[1]
     )
     # Concurrent requests again: their passes need a worker, and a new one runs them.
-    again = [engine.submit(ask(q), SHORT) for q in QUESTIONS]
+    again = [engine.submit(ask(q, SHORT)) for q in QUESTIONS]
     assert [within(30, h.result).text for h in again] == [alone(pair, q) for q in QUESTIONS]
     assert engine._thread is not None
     assert engine._thread is not dead[0]
@@ -395,12 +396,12 @@ def test_waiting_passes_notice_a_worker_gone_without_a_word(
     bounded waits see the worker gone and fail their passes."""
     break_take_once(engine, monkeypatch)
     monkeypatch.setattr(engine, "_worker_died", lambda error: None, raising=False)
-    handles = [engine.submit(ask(q), SHORT) for q in QUESTIONS]
+    handles = [engine.submit(ask(q, SHORT)) for q in QUESTIONS]
     ends = [within(30, outcome, handle) for handle in handles]
     failed = [end for end in ends if isinstance(end, BaseException)]
     assert failed
     assert all(isinstance(error, EngineWorkerError) for error in failed), failed
-    assert within(30, engine.submit(ask(QUESTIONS[0]), SHORT).result).text == alone(
+    assert within(30, engine.submit(ask(QUESTIONS[0], SHORT)).result).text == alone(
         pair, QUESTIONS[0]
     )
     assert engine.wait_idle(30)
@@ -413,22 +414,22 @@ class Abort(BaseException):
 def test_a_base_exception_in_a_request_still_ends_it(
     engine: NudgingEngine, pair: NudgingPair, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = engine_module.forward_together
+    real = LocalModel.run_together
     armed = [True]
 
-    def aborting(model: LocalModel, steps: list[Step]) -> list[torch.Tensor]:
+    def aborting(model: LocalModel, works: list[Work]) -> Any:
         if armed[0]:
             raise Abort("aborted")
-        return real(model, steps)
+        return real(model, works)
 
-    monkeypatch.setattr(engine_module, "forward_together", aborting)
-    handle = engine.submit(ask(QUESTIONS[0]), SHORT)
+    monkeypatch.setattr(LocalModel, "run_together", aborting)
+    handle = engine.submit(ask(QUESTIONS[0], SHORT))
     events = within(30, list, handle)
     assert isinstance(events[-1], Failed)
     assert isinstance(events[-1].error, Abort)
     armed[0] = False
     assert engine.wait_idle(30)
-    assert within(30, engine.submit(ask(QUESTIONS[0]), SHORT).result).text == alone(
+    assert within(30, engine.submit(ask(QUESTIONS[0], SHORT)).result).text == alone(
         pair, QUESTIONS[0]
     )
 
@@ -439,14 +440,14 @@ def test_shutdown_stops_running_requests_within_one_pass(pair: NudgingPair, pass
     started = threading.Event()
     box: dict[str, Any] = {}
 
-    def before(model: LocalModel, steps: list[Step]) -> None:
+    def before(requests: list[int]) -> None:
         if "handles" in box and all(passes.of(h) >= 5 for h in box["handles"]):
             started.set()
         time.sleep(0.002)
 
     passes.before = before
     box["handles"] = handles = [
-        engine.submit(ask(q), WINDOW, mode="base") for q in (STORY, QUESTIONS[0])
+        engine.submit(ask(q, WINDOW, mode="base")) for q in (STORY, QUESTIONS[0])
     ]
     assert started.wait(30)
     assert engine.shutdown(timeout=30) is True
@@ -464,14 +465,14 @@ def test_shutdown_waits_a_bounded_time(pair: NudgingPair, passes: Passes) -> Non
     engine = NudgingEngine(pair)
     gate, stuck = threading.Event(), threading.Event()
 
-    def before(model: LocalModel, steps: list[Step]) -> None:
+    def before(requests: list[int]) -> None:
         if sum(passes.counts.values()) >= 3:
             stuck.set()
             gate.wait(30)
 
     passes.before = before
     try:
-        handle = engine.submit(ask(STORY), WINDOW, mode="base")
+        handle = engine.submit(ask(STORY, WINDOW, mode="base"))
         assert stuck.wait(30)
         start = time.monotonic()
         assert within(10, engine.shutdown, True, 0.5) is False
@@ -486,7 +487,7 @@ def test_shutdown_waits_a_bounded_time(pair: NudgingPair, passes: Passes) -> Non
 
 def test_wait_idle(engine: NudgingEngine, pair: NudgingPair) -> None:
     assert engine.wait_idle(0)
-    handle = engine.submit(ask(STORY), WINDOW, mode="base")
+    handle = engine.submit(ask(STORY, WINDOW, mode="base"))
     start = time.monotonic()
     assert engine.wait_idle(0.2) is False
     assert time.monotonic() - start < 5

@@ -9,12 +9,15 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from langchain_nudging.config import NudgingConfig
+from langchain_nudging.backends.registry import text_model
+from langchain_nudging.config import ALGORITHM_KNOBS, NudgingConfig
 from langchain_nudging.evaluation import EvalSettings, RunMismatchError, run_eval
 from langchain_nudging.evaluation.report import write_report
+from langchain_nudging.evaluation.runner import KNOBS
 from langchain_nudging.evaluation.tasks import get_task
-from langchain_nudging.serving.generation import NudgingPair
 from langchain_nudging.prompts import ChatMessage
+from langchain_nudging.request import Request
+from langchain_nudging.serving.generation import NudgingPair
 
 QUESTIONS = ["What is 2 + 3?", "Tom has 4 apples and eats 1. How many are left?", "What is 6 * 7?"]
 GOLD = ["5", "3", "42"]
@@ -22,7 +25,7 @@ GOLD = ["5", "3", "42"]
 
 @pytest.fixture(scope="module")
 def pair(llama_a: Any, gemma_b: Any) -> NudgingPair:
-    return NudgingPair(llama_a, gemma_b)
+    return NudgingPair(text_model(llama_a), text_model(gemma_b))
 
 
 @pytest.fixture
@@ -81,7 +84,14 @@ def test_every_example_in_every_mode_is_written_and_scored(
     assert [t["prompt"] for t in mt["turns"]] == ["Hi.", "More."]
     assert mt["score"] is None
     assert mt["meta"] == {"question_id": 81, "category": "writing"}
-    assert json.loads((out / "run.json").read_text())["max_tokens"] == 12
+    identity = json.loads((out / "run.json").read_text())
+    assert identity == {
+        "base": "tiny-llama",
+        "nudging": "tiny-gemma3",
+        "dtype": "float32",
+        **{name: NudgingConfig.model_fields[name].default for name in KNOBS},
+        "max_tokens": 12,
+    }
 
 
 def test_answers_are_what_the_pair_gives_alone(
@@ -96,7 +106,8 @@ def test_answers_are_what_the_pair_gives_alone(
         messages = [ChatMessage("system", task.system)]
         for turn in record["turns"]:
             messages.append(ChatMessage("user", turn["prompt"]))
-            generation = pair.generate(messages, config, record["mode"], task.base_format)
+            request = Request(messages, config, record["mode"], task.base_format)
+            generation = pair.generate(request)
             assert "".join(s.text for s in generation) == turn["answer"]
             messages.append(ChatMessage("assistant", turn["answer"]))
 
@@ -139,6 +150,36 @@ def test_other_settings_are_refused_not_mixed(
     run_eval(pair, settings(data, tasks=["gsm8k"], limit=1), out, progress=False)
     with pytest.raises(RunMismatchError, match=r"made with max_tokens=12; this run has max_tok"):
         run_eval(pair, settings(data, tasks=["gsm8k"], max_tokens=20), out, progress=False)
+    with pytest.raises(RunMismatchError, match=r"made with max_rounds=150; this run has max_r"):
+        run_eval(pair, settings(data, tasks=["gsm8k"], max_rounds=3), out, progress=False)
+
+
+def test_a_folder_that_records_fewer_knobs_ran_the_rest_at_their_defaults(
+    pair: NudgingPair, data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    run_eval(pair, settings(data, tasks=["gsm8k"], limit=1), out, progress=False)
+    path = out / "run.json"
+    written = json.loads(path.read_text())
+    older = {k: v for k, v in written.items() if k not in ("max_rounds", "min_repeat_chars")}
+    path.write_text(json.dumps(older))
+    again = run_eval(pair, settings(data, tasks=["gsm8k"], limit=1), out, progress=False)
+    assert again.generated == 0
+
+
+def test_the_settings_knobs_are_the_configs() -> None:
+    """Each algorithm knob but gamma (a run sweeps gammas) is a setting, declared once in
+    NudgingConfig: its default, range and description come from there."""
+    assert set(KNOBS) == set(ALGORITHM_KNOBS) - {"gamma"}
+    fields = EvalSettings.model_fields
+    for name in KNOBS:
+        assert fields[name].default == NudgingConfig.model_fields[name].default
+        assert fields[name].description == NudgingConfig.model_fields[name].description
+    chosen = EvalSettings(tasks=["gsm8k"], max_rounds=7, loop_passage_words=2)
+    assert chosen.config(0.3) == NudgingConfig(gamma=0.3, max_rounds=7, loop_passage_words=2)
+    assert chosen.config(None).gamma == NudgingConfig().gamma
+    with pytest.raises(ValidationError, match=r"draft_tokens\n.*less than or equal to 4096"):
+        EvalSettings(tasks=["gsm8k"], draft_tokens=5000)
 
 
 def test_a_failed_answer_is_reported_and_the_rest_are_kept(

@@ -13,11 +13,13 @@ import pytest
 
 from langchain_nudging.evaluation import TASKS, Example, TaskDataError, load_examples, sample
 from langchain_nudging.evaluation.scoring import (
+    date_options,
     extract_choice,
     extract_last_number,
     ifeval_module,
     punkt_tab_dir,
-    score,
+    sports_options,
+    word_options,
 )
 from langchain_nudging.evaluation.tasks import REASONING_SYSTEM, get_task
 
@@ -211,7 +213,7 @@ def test_punkt_tab_tables_are_written_offline() -> None:
 )
 def test_ifeval_checkers(instruction: str, kwargs: dict[str, Any], right: str, wrong: str) -> None:
     example = ifeval_example([instruction], [kwargs])
-    good, bad = score("ifeval", example, right), score("ifeval", example, wrong)
+    good, bad = TASKS["ifeval"].score(example, right), TASKS["ifeval"].score(example, wrong)
     assert good is not None
     assert bad is not None
     assert good.primary == 1.0
@@ -222,7 +224,7 @@ def test_ifeval_checkers(instruction: str, kwargs: dict[str, Any], right: str, w
 
 def test_ifeval_reports_all_four_metrics() -> None:
     example = ifeval_example(["punctuation:no_comma", "change_case:english_lowercase"], [{}, {}])
-    result = score("ifeval", example, "**Title**\nall lower, with a comma\nthe end")
+    result = TASKS["ifeval"].score(example, "**Title**\nall lower, with a comma\nthe end")
     assert result is not None
     assert set(result.details) == {
         "prompt_level_strict_acc",
@@ -239,8 +241,8 @@ def test_ifeval_checks_are_seeded() -> None:
     """A missing argument is drawn at random by the checker: seeded, the same every time."""
     example = ifeval_example(["detectable_format:number_bullet_lists"], [{}])
     answers = ["* a", "* a\n* b", "* a\n* b\n* c", "* a\n* b\n* c\n* d", "* a\n* b\n* c\n* d\n* e"]
-    first = [score("ifeval", example, a).primary for a in answers]  # type: ignore[union-attr]
-    assert [score("ifeval", example, a).primary for a in answers] == first  # type: ignore[union-attr]
+    first = [TASKS["ifeval"].score(example, a).primary for a in answers]  # type: ignore[union-attr]
+    assert [TASKS["ifeval"].score(example, a).primary for a in answers] == first  # type: ignore[union-attr]
     assert sum(first) == 1  # exactly one bullet count is right
 
 
@@ -260,9 +262,9 @@ def test_gsm8k_takes_the_last_number(answer: str, extracted: str | None) -> None
 
 def test_gsm8k_exact_match() -> None:
     example = Example(id="0", turns=("q",), reference="18")
-    assert score("gsm8k", example, "16 - 3 - 4 = 9 eggs; 9 * 2 = 18.").primary == 1.0  # type: ignore[union-attr]
-    assert score("gsm8k", example, "The answer is 18 dollars, not 20.").primary == 0.0  # type: ignore[union-attr]
-    result = score("gsm8k", example, "9 eggs")
+    assert TASKS["gsm8k"].score(example, "16 - 3 - 4 = 9 eggs; 9 * 2 = 18.").primary == 1.0  # type: ignore[union-attr]
+    assert TASKS["gsm8k"].score(example, "The answer is 18 dollars, not 20.").primary == 0.0  # type: ignore[union-attr]
+    result = TASKS["gsm8k"].score(example, "9 eggs")
     assert result is not None
     assert result.details == {"exact_match": 0, "extracted": "9"}
 
@@ -277,6 +279,11 @@ SPORTS = Example(
     id="0", turns=("q",), reference="implausible", choices=("plausible", "implausible")
 )
 YES_NO = Example(id="0", turns=("q",), reference="No", choices=("Yes", "No"))
+CHOICE_RULES = {
+    "bigbench-date": (date_options, False),
+    "bigbench-sports": (sports_options, False),
+    "strategyqa": (word_options, True),  # StrategyQA answers open with their verdict
+}
 
 
 @pytest.mark.parametrize(
@@ -295,16 +302,25 @@ YES_NO = Example(id="0", turns=("q",), reference="No", choices=("Yes", "No"))
     ],
 )
 def test_choice_extraction(task: str, example: Example, answer: str, extracted: str | None) -> None:
-    assert extract_choice(example, task, answer) == extracted
-    result = score(task, example, answer)
+    options, verdict_first = CHOICE_RULES[task]
+    assert extract_choice(example, answer, options, verdict_first) == extracted
+    result = TASKS[task].score(example, answer)
     assert result is not None
     assert result.primary == float(extracted is not None and extracted == example.reference)
 
 
+def test_each_task_carries_its_title_and_scorer() -> None:
+    assert [task.title for task in TASKS.values()] == [
+        "IFEval", "GSM8K", "BB Date", "BB Sports", "StrategyQA", "Just-Eval", "MT-Bench",
+    ]  # fmt: skip
+    assert [name for name, task in TASKS.items() if not task.scored] == ["just-eval", "mt-bench"]
+    assert all(task.scored == (task.scorer is not None) for task in TASKS.values())
+
+
 def test_open_tasks_have_no_automatic_score() -> None:
     example = Example(id="1", turns=("Write a poem.",))
-    assert score("just-eval", example, "A poem.") is None
-    assert score("mt-bench", example, "A poem.") is None
+    assert TASKS["just-eval"].score(example, "A poem.") is None
+    assert TASKS["mt-bench"].score(example, "A poem.") is None
 
 
 def test_records_of_real_data_score(tmp_path: Path) -> None:
@@ -324,4 +340,4 @@ def test_records_of_real_data_score(tmp_path: Path) -> None:
     assert example.turns == (
         'Is the following statement plausible or implausible? "Tom Brady threw a touchdown."',
     )
-    assert score("bigbench-sports", example, "That is plausible.").primary == 1.0  # type: ignore[union-attr]
+    assert TASKS["bigbench-sports"].score(example, "That is plausible.").primary == 1.0  # type: ignore[union-attr]

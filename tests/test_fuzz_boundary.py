@@ -19,8 +19,10 @@ from langchain_core.messages import ChatMessage as LangChainChatMessage
 from pydantic import ValidationError
 
 from langchain_nudging import NudgedChatModel, cli
+from langchain_nudging.backends.chat_template import template_of
 from langchain_nudging.chat import model as cm
-from langchain_nudging.config import NudgingConfig, SamplingConfig
+from langchain_nudging.chat.messages import to_chat_messages
+from langchain_nudging.config import ALGORITHM_KNOBS, SAMPLING_KNOBS, NudgingConfig, SamplingConfig
 from langchain_nudging.prompts import ChatMessage, render_prompts
 from langchain_nudging.structured import ToolCall
 
@@ -135,12 +137,12 @@ def outcome(call: Any, *args: Any, **kwargs: Any) -> tuple[Any, ValueError | Non
 def test_rendering_is_an_error_naming_messages_or_has_the_clean_markers(
     sp_tokenizer: Any, gemma_like: Any, kind: str, messages: list[ChatMessage]
 ) -> None:
-    tokenizer = sp_tokenizer if kind == "chatml" else gemma_like
-    prompts, error = outcome(render_prompts, messages, tokenizer)
+    template = template_of(sp_tokenizer if kind == "chatml" else gemma_like)
+    prompts, error = outcome(render_prompts, messages, template)
     if error is not None:
         assert re.match(r"messages(\[\d+\](\.role)?)?: ", str(error)), str(error)
         return
-    clean = render_prompts(without_specials(messages), tokenizer)
+    clean = render_prompts(without_specials(messages), template)
     assert len(prompts.nudging.controls) == len(clean.nudging.controls)
     assert marked(prompts.nudging) == marked(clean.nudging)
     assert prompts.base.controls == ()
@@ -161,7 +163,7 @@ def test_rendering_is_an_error_naming_messages_or_has_the_clean_markers(
 @given(text=st.lists(st.text(max_size=20), min_size=1, max_size=4).map("\n".join))
 def test_a_clean_conversation_renders_the_template_unchanged(sp_tokenizer: Any, text: str) -> None:
     text = "".join(ch for ch in text if not 0xF0000 <= ord(ch) <= 0xF001F)
-    prompts = render_prompts([ChatMessage("user", text)], sp_tokenizer)
+    prompts = render_prompts([ChatMessage("user", text)], template_of(sp_tokenizer))
     chat = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": text},
@@ -217,7 +219,7 @@ def langchain_messages(draw: st.DrawFn) -> Any:
 @FUZZ
 @given(messages=st.lists(langchain_messages(), max_size=6))
 def test_message_conversion_is_an_error_naming_the_message_or_plain_text(messages: list) -> None:
-    converted, error = outcome(cm.to_chat_messages, messages)
+    converted, error = outcome(to_chat_messages, messages)
     if error is not None:
         where = r"messages(\[\d+\](\.content(\[\d+\])?|\.tool_calls\[\d+\]\.\w+)?)?: "
         assert re.match(where, str(error)), str(error)
@@ -245,7 +247,7 @@ GARBAGE = st.one_of(
 
 @pytest.fixture(scope="module")
 def no_loading() -> Iterator[NudgedChatModel]:
-    with mock.patch.object(cm, "load_model", side_effect=_LoadedError("load_model was called")):
+    with mock.patch.object(cm, "text_model", side_effect=_LoadedError("a model was loaded")):
         yield NudgedChatModel()
 
 
@@ -392,16 +394,7 @@ def run_cli(argv: list[str]) -> tuple[int | str, str]:
     return code, errors.getvalue()
 
 
-FLAGS = {
-    "--gamma": "gamma",
-    "--max-tokens": "max_tokens",
-    "--draft-tokens": "draft_tokens",
-    "--chunk-tokens": "chunk_tokens",
-    "--temperature": "temperature",
-    "--top-p": "top_p",
-    "--top-k": "top_k",
-    "--seed": "seed",
-}
+FLAGS = {cli.flag(name): name for name in (*ALGORITHM_KNOBS, *SAMPLING_KNOBS)}
 NUMERIC_TEXT = st.one_of(
     st.integers(-(2**70), 2**70).map(str),
     st.floats(allow_nan=True).map(str),

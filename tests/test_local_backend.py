@@ -1,4 +1,5 @@
-"""The cached session (backends/local.py) against the uncached oracle (reference.py).
+"""The cached session (backends/cached.py, backends/local.py) against the uncached oracle
+(reference.py).
 
 Tiny random-weight models from conftest.py; greedy fp32 unless a test says otherwise.
 """
@@ -16,14 +17,19 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import GEMMA_WINDOW
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from langchain_nudging.algorithm import NudgingRun
-from langchain_nudging.backends.base import Prompt, Token
+from langchain_nudging.backends.base import Prompt, SessionStats, TextSession, Token, Work
 from langchain_nudging.backends.hf import PromptTooLongError, TokenizerText
-from langchain_nudging.backends.local import LocalModel, LocalSession, Step, forward_together
+from langchain_nudging.backends.local import (
+    LocalModel,
+    LocalSession,
+    Step,
+    forward_together,
+    width_class,
+)
 from langchain_nudging.config import NudgingConfig, SamplingConfig
 from langchain_nudging.prompts import ChatMessage, render_prompts
 from langchain_nudging.reference import ReferenceModel, reference_nudge
@@ -66,6 +72,11 @@ def joined(tokens: list[Token]) -> str:
     return "".join(t.text for t in tokens)
 
 
+def window(session: Any, answer: str, size: int, **options: Any) -> list[Token]:
+    """A whole window of ``session.generate`` (tokens come one by one)."""
+    return list(session.generate(answer, size, **options))
+
+
 # --- cached == uncached ------------------------------------------------------------------------
 
 
@@ -87,8 +98,8 @@ def test_session_matches_uncached_through_appends_rewrites_and_crops(
         before, after = text.encode(prompt + short), text.encode(prompt + long)
         assert after[: len(before)] != before, (short, long)
 
-    first = local.generate("", 12)
-    assert_same(first, ref.generate("", 12))
+    first = window(local, "", 12)
+    assert_same(first, window(ref, "", 12))
     steps: list[tuple[str, str, int]] = [
         ("peek", "", 0),
         ("generate", joined(first), 8),  # continue where the last window ended
@@ -108,10 +119,10 @@ def test_session_matches_uncached_through_appends_rewrites_and_crops(
         if kind == "peek":
             assert_same(local.peek(answer), ref.peek(answer))
         else:
-            assert_same(local.generate(answer, n), ref.generate(answer, n))
+            assert_same(window(local, answer, n), window(ref, answer, n))
 
     # The cache is reused: the oracle re-reads the whole prompt on every question.
-    assert local.tokens_processed * 4 < ref_model.tokens_processed
+    assert local.stats().tokens_processed * 4 < ref.stats().tokens_processed
     local.close()
     assert local_model.live_sessions == 0
 
@@ -138,9 +149,9 @@ def test_sliding_window_model_crops_past_the_window(gemma_b: Any) -> None:
     ref = ReferenceModel(gemma_b).session(prompt, GREEDY)
     assert_same(local.peek(long), ref.peek(long))  # every layer has seen > 600 positions
     assert_same(local.peek(at_650), ref.peek(at_650))  # crop past the window
-    assert_same(local.generate(at_650 + " and", 16), ref.generate(at_650 + " and", 16))
+    assert_same(window(local, at_650 + " and", 16), window(ref, at_650 + " and", 16))
     assert_same(local.peek(at_610), ref.peek(at_610))
-    assert_same(local.generate(long, 8), ref.generate(long, 8))
+    assert_same(window(local, long, 8), window(ref, long, 8))
     local.close()
 
 
@@ -150,23 +161,23 @@ def test_sliding_window_model_crops_past_the_window(gemma_b: Any) -> None:
 def test_min_prob_returns_the_unsure_token_last_and_stops(llama_a: Any) -> None:
     model = LocalModel(llama_a)
     answer = " The capital"
-    free = model.session(PROMPT, GREEDY).generate(answer, 24)
+    free = window(model.session(PROMPT, GREEDY), answer, 24)
     assert len(free) == 24, "the free run must not end early for this check"
     probs = [t.top1_prob for t in free]
     # The first position k >= 2 whose probability is below every earlier one.
     k = next(i for i in range(2, len(probs)) if probs[i] < min(probs[:i]))
     threshold = (probs[k] + min(probs[:k])) / 2
 
-    stopped = model.session(PROMPT, GREEDY).generate(answer, 24, min_prob=threshold)
+    stopped = window(model.session(PROMPT, GREEDY), answer, 24, min_prob=threshold)
     assert_same(stopped, free[: k + 1])
     assert stopped[-1].top1_prob < threshold
     assert all(t.top1_prob >= threshold for t in stopped[:-1])
     oracle = ReferenceModel(llama_a).session(PROMPT, GREEDY)
-    assert_same(stopped, oracle.generate(answer, 24, min_prob=threshold))
+    assert_same(stopped, window(oracle, answer, 24, min_prob=threshold))
 
     # Without `first`, an unsure first token is returned alone.
     assert free[0].top1_prob < 1.0
-    assert len(model.session(PROMPT, GREEDY).generate(answer, 24, min_prob=1.0)) == 1
+    assert len(window(model.session(PROMPT, GREEDY), answer, 24, min_prob=1.0)) == 1
 
 
 def test_first_must_be_the_peek_of_the_same_answer(llama_a: Any) -> None:
@@ -183,10 +194,10 @@ def test_first_must_be_the_peek_of_the_same_answer(llama_a: Any) -> None:
 
     session.peek(answer)
     # min_prob=1.0 stops at any token, but never at `first`: it was already decided.
-    tokens = session.generate(answer, 8, min_prob=1.0, first=peeked)
+    tokens = window(session, answer, 8, min_prob=1.0, first=peeked)
     assert len(tokens) == 2
     assert tokens[0] == peeked
-    assert_same(tokens, oracle.generate(answer, 8, min_prob=1.0, first=peeked))
+    assert_same(tokens, window(oracle, answer, 8, min_prob=1.0, first=peeked))
 
 
 def test_first_is_accepted_after_a_memoised_peek(llama_a: Any) -> None:
@@ -194,10 +205,10 @@ def test_first_is_accepted_after_a_memoised_peek(llama_a: Any) -> None:
     oracle = ReferenceModel(llama_a).session(PROMPT, GREEDY)
     answer = " The capital"
     session.peek(answer)
-    session.generate(answer, 4)  # the cache now runs past `answer`
+    window(session, answer, 4)  # the cache now runs past `answer`
     peeked = session.peek(answer)  # the same answer: served from the memo
-    tokens = session.generate(answer, 4, first=peeked)
-    assert_same(tokens, oracle.generate(answer, 4, first=peeked))
+    tokens = window(session, answer, 4, first=peeked)
+    assert_same(tokens, window(oracle, answer, 4, first=peeked))
 
 
 # --- verifying a draft's word boundaries ---------------------------------------------------------
@@ -231,13 +242,13 @@ def test_every_boundary_of_a_draft_is_verified_in_one_forward_pass(
     # Everything verified is remembered: taking over at a middle boundary runs no new pass
     # for its first token, and the window continues exactly as the oracle's.
     middle = answers[2]
-    reused = session.choices_reused
+    reused = session.stats().choices_reused
     with recorded_inputs(loaded.model) as calls:
         again = list(session.peek_each([middle]))
     assert calls == []
-    assert session.choices_reused == reused + 1
-    window = session.generate(middle, 6, first=again[0])
-    assert_same(window, oracle.generate(middle, 6, first=again[0]))
+    assert session.stats().choices_reused == reused + 1
+    taken = window(session, middle, 6, first=again[0])
+    assert_same(taken, window(oracle, middle, 6, first=again[0]))
 
 
 @pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
@@ -248,7 +259,7 @@ def test_a_draft_still_valid_next_round_is_reused_not_regenerated(
     session = LocalModel(loaded).session(PROMPT, GREEDY)
     oracle = ReferenceModel(loaded).session(PROMPT, GREEDY)
     with recorded_inputs(loaded.model) as first_calls:
-        draft = session.generate("", 16)
+        draft = window(session, "", 16)
     assert len(draft) == 16
     assert not draft[-1].is_eos
     read = [i for call in first_calls for i in call]  # the prompt, then the draft's ids
@@ -264,11 +275,11 @@ def test_a_draft_still_valid_next_round_is_reused_not_regenerated(
     )
     rest = 16 - cut
     with recorded_inputs(loaded.model) as calls:
-        again = session.generate(joined(draft[:cut]), rest)
+        again = window(session, joined(draft[:cut]), rest)
     assert calls == []  # every token was chosen by the first draft
-    assert session.choices_reused >= rest
+    assert session.stats().choices_reused >= rest
     assert_same(again, draft[cut:])
-    assert_same(again, oracle.generate(joined(draft[:cut]), rest))
+    assert_same(again, window(oracle, joined(draft[:cut]), rest))
 
 
 def test_a_boundary_that_tokenizes_differently_is_asked_on_its_own(llama_a: Any) -> None:
@@ -307,10 +318,10 @@ def test_a_special_token_ends_generation(
     word = tokenizer.convert_tokens_to_ids("Ġthe" if loaded_name == "llama_a" else "▁the")
     special_id = tokenizer.convert_tokens_to_ids(special)
     with forced_next(loaded, {last: word, word: special_id}):
-        tokens = LocalModel(loaded).session(PROMPT, GREEDY).generate("", 10)
+        tokens = window(LocalModel(loaded).session(PROMPT, GREEDY), "", 10)
         assert [(t.text, t.is_eos) for t in tokens] == [(" the", False), ("", True)]
         assert tokens[1].top1_prob > 0.99
-        assert_same(tokens, ReferenceModel(loaded).session(PROMPT, GREEDY).generate("", 10))
+        assert_same(tokens, window(ReferenceModel(loaded).session(PROMPT, GREEDY), "", 10))
         peeked = LocalModel(loaded).session(PROMPT, GREEDY).peek(" the")
         assert (peeked.text, peeked.is_eos) == ("", True)
 
@@ -338,10 +349,10 @@ def test_a_split_character_arrives_with_its_last_byte(
     script = dict(zip([TokenizerText(tokenizer).encode(PROMPT)[-1], *ids], ids, strict=False))
     script[ids[-1]] = tokenizer.eos_token_id
     with forced_next(loaded, script):
-        tokens = LocalModel(loaded).session(PROMPT, GREEDY).generate("", 10)
+        tokens = window(LocalModel(loaded).session(PROMPT, GREEDY), "", 10)
         assert [t.text for t in tokens] == ["", "", "€", ""]
         assert [t.is_eos for t in tokens] == [False, False, False, True]
-        assert_same(tokens, ReferenceModel(loaded).session(PROMPT, GREEDY).generate("", 10))
+        assert_same(tokens, window(ReferenceModel(loaded).session(PROMPT, GREEDY), "", 10))
 
 
 @pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
@@ -393,11 +404,11 @@ def test_sampling_is_seeded_and_confidence_is_the_raw_softmax(llama_a: Any) -> N
     model = LocalModel(llama_a)
     hot = SamplingConfig(temperature=1.5, seed=7)
     with recorded_inputs(llama_a.model) as calls:
-        tokens = model.session(PROMPT, hot).generate("", 16)
+        tokens = window(model.session(PROMPT, hot), "", 16)
     assert len(tokens) == 16
-    again = model.session(PROMPT, hot).generate("", 16)
+    again = window(model.session(PROMPT, hot), "", 16)
     assert [(t.text, t.top1_prob) for t in again] == [(t.text, t.top1_prob) for t in tokens]
-    other = model.session(PROMPT, SamplingConfig(temperature=1.5, seed=8)).generate("", 16)
+    other = window(model.session(PROMPT, SamplingConfig(temperature=1.5, seed=8)), "", 16)
     assert [t.text for t in other] != [t.text for t in tokens]
 
     # The forward passes show which ids were sampled; one uncached pass over them gives the
@@ -430,7 +441,7 @@ def test_the_session_uses_no_deprecated_model_argument(llama_a: Any) -> None:
     session = LocalModel(llama_a).session(PROMPT, GREEDY)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        session.generate(" The", 3)
+        window(session, " The", 3)
 
 
 # --- sessions stepping together -----------------------------------------------------------------
@@ -438,7 +449,7 @@ def test_the_session_uses_no_deprecated_model_argument(llama_a: Any) -> None:
 
 @pytest.mark.parametrize("loaded_name", ["llama_a", "gemma_b"])
 def test_sessions_stepping_together_get_the_logits_they_get_alone(
-    loaded_name: str, request: pytest.FixtureRequest
+    loaded_name: str, gemma_window: int, request: pytest.FixtureRequest
 ) -> None:
     """Ragged prompts, one-token steps past Gemma's sliding window, a crop and a wide re-read
     in the middle: batched rows equal each session's rows alone; a batch of the same sessions
@@ -450,22 +461,23 @@ def test_sessions_stepping_together_get_the_logits_they_get_alone(
 
     def step(new_ids: list[list[int]]) -> None:
         rows = forward_together(
-            model, [Step(s, ids, [len(ids) - 1]) for s, ids in zip(together, new_ids, strict=True)]
+            model,
+            [Step(s.kv, ids, [len(ids) - 1]) for s, ids in zip(together, new_ids, strict=True)],
         )
         for session, ids, row in zip(alone, new_ids, rows, strict=True):
-            (want,) = forward_together(model, [Step(session, ids, [len(ids) - 1])])
+            (want,) = forward_together(model, [Step(session.kv, ids, [len(ids) - 1])])
             torch.testing.assert_close(row, want, atol=1e-4, rtol=0)
 
     def crop(sessions: list[LocalSession], tokens: int) -> None:
         for session in sessions:
-            assert session._cache is not None
-            session._cache.crop(-tokens)
-            del session._ids[-tokens:]
+            assert session.kv.cache is not None
+            session.kv.cache.crop(-tokens)
+            del session.kv.ids[-tokens:]
 
     step([model.text.encode(p) for p in prompts])
     assert model.last_batch is None  # mixed widths: rows hold padding between their tokens
     reused: list[bool] = []
-    for k in range(GEMMA_WINDOW + 16):
+    for k in range(gemma_window + 16):
         if k == 50:
             crop([together[2], alone[2]], 1)  # this step re-reads one id: all widths still 1
         before = model.last_batch
@@ -477,13 +489,114 @@ def test_sessions_stepping_together_get_the_logits_they_get_alone(
             assert model.last_batch is None
     # Stacked: the first step, the one after the re-read, the one after the second crop.
     assert [k for k, r in enumerate(reused) if not r] == [0, 31, 50]
-    assert all(len(s._ids) > GEMMA_WINDOW for s in together)
+    assert all(len(s.kv.ids) > gemma_window for s in together)
     batch_cache = weakref.ref(model.last_batch.cache)
     del before
     together[0].close()
     assert model.last_batch is None  # a closed session's rows are not kept alive
     gc.collect()
     assert batch_cache() is None
+
+
+# --- the model as a TextModel and a WorkRunner ---------------------------------------------------
+
+
+class Recording:
+    """A scheduler that runs each work at once, alone (as ``RUN_ALONE``), and keeps it."""
+
+    def __init__(self) -> None:
+        self.works: list[Work] = []
+
+    def run(self, work: Work) -> Any:
+        self.works.append(work)
+        with work.runner.lock():
+            return work.runner.run_together([work])[0]
+
+
+def test_every_forward_pass_goes_through_the_sessions_scheduler(llama_a: Any) -> None:
+    model = LocalModel(llama_a)
+    scheduler = Recording()
+    session = model.session(PROMPT, GREEDY, scheduler=scheduler)
+    with recorded_inputs(llama_a.model) as calls:
+        tokens = window(session, " The", 4)
+        list(session.peek_each([" The capital of France", " The capital of France is"]))
+    assert len(scheduler.works) == len(calls) == session.stats().forward_passes
+    widths = [len(ids) for ids in calls]
+    assert [w.runner for w in scheduler.works] == [model] * len(calls)
+    assert [w.first for w in scheduler.works] == [True] + [False] * (len(calls) - 1)
+    assert [w.group for w in scheduler.works] == [width_class(n) for n in widths]
+    assert widths[0] > 16  # the prompt: a width class of its own
+    assert widths[1:4] == [1, 1, 1]  # the window's steps
+    assert_same(tokens, window(model.session(PROMPT, GREEDY), " The", 4))
+
+
+def test_width_classes() -> None:
+    widths = [1, 2, 16, 17, 64, 65, 256, 257, 1024, 1025]
+    assert [width_class(n) for n in widths] == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
+
+
+def test_models_sharing_weights_share_one_forward_lock(llama_a: Any, gemma_b: Any) -> None:
+    assert LocalModel(llama_a).lock() is LocalModel(llama_a).lock()
+    assert LocalModel(llama_a).lock() is not LocalModel(gemma_b).lock()
+    assert LocalModel(llama_a).batchable
+
+
+def test_tokens_come_out_as_they_are_decided(llama_a: Any) -> None:
+    """Reading a window's first token runs only the passes it needs; a window left early is
+    continued later from what was chosen, running no pass twice."""
+    session = LocalModel(llama_a).session(PROMPT, GREEDY)
+    oracle = ReferenceModel(llama_a).session(PROMPT, GREEDY)
+    whole = window(oracle, "", 8)
+    tokens = session.generate("", 8)
+    with recorded_inputs(llama_a.model) as calls:
+        first = next(tokens)
+        assert len(calls) == 1  # the prompt's pass, nothing more
+        second = next(tokens)
+        assert len(calls) == 2
+    tokens.close()
+    assert_same([first, second], whole[:2])
+    with recorded_inputs(llama_a.model) as calls:
+        again = window(session, "", 8)
+    assert len(calls) == 8 - 2  # the first two tokens were chosen already
+    assert_same(again, whole)
+
+
+def test_session_stats(llama_a: Any) -> None:
+    session = LocalModel(llama_a).session(PROMPT, GREEDY)
+    assert session.stats() == SessionStats()
+    with recorded_inputs(llama_a.model) as calls:
+        window(session, "", 5)
+        window(session, "", 5)  # every choice remembered
+    stats = session.stats()
+    assert stats.forward_passes == len(calls) == 5
+    assert stats.tokens_processed == sum(len(ids) for ids in calls)
+    assert stats.choices_reused == 5
+    assert stats.grammar_masks == 0
+    session.close()
+    assert session.stats() == stats
+
+
+def test_the_local_model_answers_token_questions_without_a_session(
+    llama_a: Any, gemma_b: Any
+) -> None:
+    model = LocalModel(llama_a)
+    assert model.capabilities.grammars
+    assert model.capabilities.grammar_mass
+    assert not model.capabilities.batches_itself
+    assert model.chat_template is None  # tokenizer A has no chat template
+    assert LocalModel(gemma_b).chat_template is not None
+    text = TokenizerText(llama_a.tokenizer)
+    assert model.prompt_tokens(PROMPT) == len(text.encode(PROMPT))
+    assert model.token_ids(LONG_TEXT) == text.encode_plain(LONG_TEXT)
+    assert model.counter().count(LONG_TEXT) == len(text.encode_plain(LONG_TEXT))
+    assert model.truncate_tokens(LONG_TEXT, 5) == text.truncate(LONG_TEXT, 5)
+    small = LocalModel(dataclasses.replace(llama_a, context_window=24))
+    with pytest.raises(PromptTooLongError, match=llama_a.name):
+        small.prompt_tokens(PROMPT * 3)
+    session: TextSession = model.session(PROMPT, GREEDY)  # a TextSession, as typed
+    assert model.live_sessions == 1
+    session.close()
+    assert model.live_sessions == 0
 
 
 # --- closing -------------------------------------------------------------------------------------
@@ -493,8 +606,8 @@ def test_close_frees_the_cache_and_the_session(llama_a: Any) -> None:
     model = LocalModel(llama_a)
     first, second = model.session(PROMPT, GREEDY), model.session(PROMPT, GREEDY)
     assert model.live_sessions == 2
-    first.generate(" The", 4)
-    cache = weakref.ref(first._cache)
+    window(first, " The", 4)
+    cache = weakref.ref(first.kv.cache)
     first.close()
     gc.collect()
     assert cache() is None
@@ -530,12 +643,11 @@ def test_nudging_over_cached_sessions_equals_the_oracle(
 ) -> None:
     base = request.getfixturevalue("llama_a" if pair == "cross-tokenizer" else "llama_b")
     nudging = request.getfixturevalue("gemma_b")
-    prompts = render_prompts([ChatMessage("user", question)], nudging.tokenizer)
+    base_model, nudging_model = LocalModel(base), LocalModel(nudging)
+    prompts = render_prompts([ChatMessage("user", question)], nudging_model.chat_template)
     # Short windows put many chunk boundaries (re-read as text) inside base turns.
     sizes = {"draft_tokens": 5, "chunk_tokens": 3} if windows == "short" else {}
     config = NudgingConfig(gamma=0.4, max_tokens=40, stop=prompts.stop, **sizes)
-
-    base_model, nudging_model = LocalModel(base), LocalModel(nudging)
     run = NudgingRun(
         base_model.session(prompts.base, config.base_sampling),
         nudging_model.session(prompts.nudging, config.nudging_sampling),
@@ -549,7 +661,7 @@ def test_nudging_over_cached_sessions_equals_the_oracle(
     assert "".join(s.text for s in segments) == run.text
     assert (run.finish_reason, run.rounds) == (oracle.finish_reason, oracle.rounds)
     assert {s.source for s in segments} == {"base", "nudge"}
-    assert run.base.tokens_processed < base_ref.tokens_processed
+    assert run.base.stats().tokens_processed < oracle.base.stats().tokens_processed
 
 
 @settings(max_examples=60, deadline=None)

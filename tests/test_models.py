@@ -42,6 +42,8 @@ from langchain_nudging.models import (
     resolve_dtype,
     unload_model,
 )
+from langchain_nudging.models import gguf as conversion
+from langchain_nudging.models import load as loading
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["<unk>", "<s>", "</s>", "the", "cat", "sat", "on", "mat", "a", "dog"]
@@ -215,13 +217,13 @@ def test_registry_shares_one_object_per_settings(model_dir):
 
 def test_device_map_goes_to_from_pretrained(model_dir, monkeypatch):
     seen = []
-    real = nm._load_pretrained
+    real = loading._load_pretrained
 
     def spy(*args, **kwargs):
         seen.append((kwargs["device_map"], kwargs["device"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(nm, "_load_pretrained", spy)
+    monkeypatch.setattr(loading, "_load_pretrained", spy)
     placed = load_model(model_dir, device_map={"": "cpu"})
     assert placed.model.device.type == "cpu"
     assert load_model(model_dir, device_map={"": "cpu"}) is placed
@@ -231,14 +233,14 @@ def test_device_map_goes_to_from_pretrained(model_dir, monkeypatch):
 
 def test_two_threads_asking_at_once_load_once(model_dir, monkeypatch):
     calls = []
-    real = nm._load_pretrained
+    real = loading._load_pretrained
 
     def counting(*args, **kwargs):
         calls.append(threading.get_ident())
         time.sleep(0.3)  # keep the other threads waiting on the same load
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(nm, "_load_pretrained", counting)
+    monkeypatch.setattr(loading, "_load_pretrained", counting)
     barrier = threading.Barrier(4)
     results: list[LoadedModel] = []
 
@@ -290,7 +292,7 @@ def test_unreachable_hub_id_says_so_and_lists_bundled_ids(monkeypatch):
     def offline(*_args, **_kwargs):
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
-    monkeypatch.setattr(nm, "_load_pretrained", offline)
+    monkeypatch.setattr(loading, "_load_pretrained", offline)
     with pytest.raises(ModelLoadError) as caught:
         load_model("someorg/some-model")
     message = str(caught.value)
@@ -376,7 +378,7 @@ def test_gguf_file_converts_once_into_the_cache(tiny_gguf, gguf_reference, monke
     def no_second_conversion(*_args, **_kwargs):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr(nm, "_convert_locked", no_second_conversion)
+    monkeypatch.setattr(conversion, "_convert_locked", no_second_conversion)
     clear_registry()
     again = load_model(tiny_gguf, progress=False)
     assert again is not loaded
@@ -511,7 +513,7 @@ def test_a_mistyped_folder_or_unknown_hub_id_fails_at_once(missing, no_hub, hub_
 @pytest.mark.timeout(60)
 def test_offline_mode_fails_at_once_without_a_probe(monkeypatch, hub_cache):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(nm.socket, "create_connection", mock_fail := _no_connection())
+    monkeypatch.setattr(loading.socket, "create_connection", mock_fail := _no_connection())
     started = time.monotonic()
     with pytest.raises(ModelLoadError, match=r"cannot be reached \(HF_HUB_OFFLINE is set\)"):
         load_model("someorg/not-cached")
@@ -539,14 +541,14 @@ def test_a_hub_id_in_the_local_cache_loads_without_the_network(
 ):
     _cache_repo(hub_cache, "tiny-org/tiny-llama", model_dir)
     seen = []
-    real = nm._load_pretrained
+    real = loading._load_pretrained
 
     def spy(*args, **kwargs):
         seen.append(kwargs.get("local_files_only", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(nm, "_load_pretrained", spy)
-    monkeypatch.setattr(nm, "_hub_unreachable", lambda: pytest.fail("the Hub was probed"))
+    monkeypatch.setattr(loading, "_load_pretrained", spy)
+    monkeypatch.setattr(loading, "_hub_unreachable", lambda: pytest.fail("the Hub was probed"))
     loaded = load_model("tiny-org/tiny-llama", progress=False)
     assert loaded.name == "tiny-org/tiny-llama"
     assert seen == [True]
@@ -563,7 +565,7 @@ def test_a_hub_id_only_partly_cached_and_an_unreachable_hub(model_dir, no_hub, h
 
 
 def test_check_source_validates_without_loading(model_dir, no_hub, hub_cache, monkeypatch):
-    monkeypatch.setattr(nm, "_load_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(loading, "_load_pretrained", lambda *a, **k: pytest.fail("loaded"))
     assert nm.check_source(model_dir) == str(model_dir.resolve())
     assert nm.check_source(BUNDLED_NUDGING_ID) == BUNDLED_NUDGING_ID
     for bad, match in [("./nope", "does not exist"), ("org/nope", "cannot be reached"),
@@ -590,7 +592,7 @@ def pickled_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_pickled_weights_need_allow_pickle(pickled_dir, monkeypatch):
-    monkeypatch.setattr(nm, "_load_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    monkeypatch.setattr(loading, "_load_pretrained", lambda *a, **k: pytest.fail("loaded"))
     with pytest.raises(ModelLoadError, match=r"pickled weights \(pytorch_model.bin\)") as caught:
         load_model(pickled_dir)
     assert "allow_pickle=True" in str(caught.value)
@@ -610,7 +612,7 @@ def test_allow_pickle_loads_them(pickled_dir):
 def test_safetensors_are_required_by_from_pretrained_too(pickled_dir):
     """Even past the folder check (e.g. a folder with both kinds, or a Hub repo)."""
     with pytest.raises(OSError, match=r"model\.safetensors"):
-        nm._load_pretrained(
+        loading._load_pretrained(
             str(pickled_dir), gguf_file=None, dtype=torch.float32, trust=False, device_map=None,
             device="cpu", progress=False,
         )  # fmt: skip
@@ -633,4 +635,85 @@ def test_a_chat_model_passes_allow_pickle_through(pickled_dir):
         refused.load()
     assert "allow_pickle" not in refused._load_options()
     allowed = NudgedChatModel(model=source, nudging_model=source, allow_pickle=True).load()
-    assert allowed._load_one(source).name == str(pickled_dir.resolve())
+    assert allowed._text_models(source)[0].name == str(pickled_dir.resolve())
+
+
+# --- specs: one factory for every backend ------------------------------------------------------
+
+
+def test_a_spec_gives_one_text_model_while_it_is_in_use(model_dir):
+    from langchain_nudging.backends.local import LocalModel
+    from langchain_nudging.backends.registry import text_model
+
+    first = text_model(str(model_dir), progress=False)
+    assert isinstance(first, LocalModel)
+    assert text_model(str(model_dir), progress=False) is first
+    assert text_model(model_dir, dtype="float32", device="cpu") is first  # the same weights
+    assert text_model(first.loaded) is first  # one text model per loaded model
+    assert text_model(first) is first  # a text model is taken as it is
+    assert text_model(str(model_dir), dtype="bf16") is not first
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        text_model("./no-such-model")
+
+
+def test_a_backend_registered_later_is_asked_first(monkeypatch):
+    from langchain_nudging.backends import registry
+
+    monkeypatch.setattr(registry, "_BACKENDS", registry._BACKENDS)  # restored afterwards
+    built: list[tuple[object, dict[str, object]]] = []
+
+    class Remote:
+        """Enough of a text model for the factory (it only checks the members)."""
+
+        capabilities = chat_template = None
+        live_sessions = 0
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        session = prompt_tokens = counter = truncate_tokens = token_ids = None
+        prepare = prepared = None
+
+    def build(spec: str, **options: object) -> Remote:
+        built.append((spec, options))
+        return Remote(spec)
+
+    registry.register_backend("remote", lambda spec: str(spec).startswith("bundled:remote"), build)
+    model = registry.text_model("bundled:remote-a", timeout=3)
+    assert model.name == "bundled:remote-a"
+    assert registry.text_model("bundled:remote-a", timeout=3) is model
+    assert registry.text_model("bundled:remote-a", timeout=4) is not model
+    assert built == [("bundled:remote-a", {"timeout": 3}), ("bundled:remote-a", {"timeout": 4})]
+    # A spec the new backend claims passes validation, however it looks to transformers.
+    assert registry.check_spec("bundled:remote-b", "model") == "bundled:remote-b"
+    assert registry.check_spec(model, "model") is model
+    assert registry.spec_label(model) == "bundled:remote-a"
+    with pytest.raises(ValueError, match=r"^model: unknown bundled model 'bundled:nope'"):
+        registry.check_spec("bundled:nope", "model")
+
+
+def test_check_spec_names_the_field_and_loads_nothing(model_dir, no_hub, hub_cache, monkeypatch):
+    from langchain_nudging.backends.registry import check_spec, spec_label
+
+    monkeypatch.setattr(loading, "_load_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    assert check_spec(model_dir, "model") == str(model_dir)
+    assert check_spec("org/not-cached", "model") == "org/not-cached"  # shape only
+    for bad, match in [("   ", r"^nudging_model: expected a bundled id"),
+                       (3, r"^nudging_model: expected .* got 3"),
+                       ("bundled:nope", r"^nudging_model: unknown bundled model")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            check_spec(bad, "nudging_model")
+    deep = [
+        ("", r"^--base: model='' is empty"),
+        ("./nope", r"^--base: model path './nope' does not exist"),
+        ("org/nope", r"^--base: model='org/nope' .* cannot be reached"),
+    ]
+    for bad, match in deep:
+        with pytest.raises(ModelLoadError, match=match):
+            check_spec(bad, "--base", deep=True)
+    assert check_spec(str(model_dir), "--base", deep=True) == str(model_dir)
+    net, tokenizer = _tiny_llama(), _tiny_tokenizer()
+    assert spec_label((net, tokenizer)) == "custom"
+    assert spec_label(model_dir) == str(model_dir)
+    assert spec_label(LoadedModel(net, tokenizer, "tiny", 64)) == "tiny"
+    _assert_cache_untouched()

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
 
 from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
+from langchain_nudging.backends.hf import TokenizerText
+from langchain_nudging.backends.local import LocalModel
 from langchain_nudging.oracle import (
     BASE,
     NUDGE,
@@ -29,10 +31,12 @@ from langchain_nudging.oracle import (
     independent_nudge,
     label_offset,
     repetition_end,
+    second_copy_start,
     stop_prefix_held,
     window_end,
 )
 from langchain_nudging.prompts import BasePromptFormat, render_prompts
+from langchain_nudging.request import Request
 
 U, A, S = "user", "assistant", "system"
 
@@ -119,6 +123,12 @@ def test_repetition_cut_removes_second_copies_never_before_the_segment_start() -
     assert repetition_end("x" + y[:20] * 2, 0, 30) == 41  # shorter than min_repeat_chars
 
 
+def test_a_second_copy_may_start_where_a_suffix_occurred_far_enough_back() -> None:
+    assert second_copy_start("abcdefghij abc", 4) == 11  # "abc" occurs 11 characters back
+    assert second_copy_start("abcdefghij abc", 12) == 14  # not that far back: none
+    assert second_copy_start("a" * 10, 3) == 3
+
+
 def test_held_tail_is_the_longest_possible_stop_string_start() -> None:
     assert stop_prefix_held("so\nQues", ["\nQuestion:", "\nAnswer:"]) == 5
     assert stop_prefix_held("so\n", ["\nQuestion:", "\nAnswer:"]) == 1
@@ -160,6 +170,41 @@ def test_answer_cuts_a_stop_string_spanning_segments_and_holds_its_start() -> No
     answer.add("ar", BASE)
     answer.end("stop")
     assert answer.stream == [("one ", NUDGE), ("E", NUDGE), ("ar", BASE)]
+
+
+def test_a_window_streams_what_no_rule_can_take_back_before_it_ends() -> None:
+    answer = answer_of(stop=("END",), max_tokens=16, min_repeat_chars=4)  # a token a character
+    answer.add("one", NUDGE)
+    answer.show(" two E", BASE)  # "E" may start "END"
+    answer.show(" two EN", BASE)
+    assert "".join(s for s, _ in answer.stream) == "one two "
+    answer.show(" two ENx one", BASE)  # "one" may start a second copy of "one ..."
+    assert "".join(s for s, _ in answer.stream) == "one two ENx "
+    answer.show(" two ENx one ab", BASE)  # 18 tokens: past the cap, the cut decides
+    assert "".join(s for s, _ in answer.stream) == "one two ENx "
+    answer.add(" two ENx one ab", BASE)
+    assert (answer.text, answer.reason) == ("one two ENx one ", "length")
+
+
+def test_answer_cuts_never_reach_text_a_window_streamed() -> None:
+    # Two second copies in one window ("xyzabc", then "abc"): the first was streamed while
+    # "abc" was repeated, so only the second is cut (docs/algorithm.md, "Streaming").
+    answer = answer_of(min_repeat_chars=3, max_tokens=100)
+    answer.add("0", NUDGE)
+    window = "xyzabcxyzabcabc"
+    for k in range(1, len(window) + 1):
+        answer.show(window[:k], BASE)
+    answer.add(window, BASE)
+    assert (answer.text, answer.reason) == ("0xyzabcxyzabc", "repetition")
+
+
+def test_answer_without_repetition_stops_keeps_repeats() -> None:
+    y = "The quick brown fox jumps over. "
+    answer = answer_of(max_tokens=1000, repetition_stops=False)
+    answer.show(y + y[:10], BASE)
+    answer.add(y + y, BASE)
+    assert (answer.text, answer.reason) == (y + y, None)
+    assert "".join(s for s, _ in answer.stream) == y + y
 
 
 def test_answer_max_tokens_cut_exactly() -> None:
@@ -207,12 +252,13 @@ def test_markers_end_the_answer_only_where_the_base_model_starts_a_turn() -> Non
 
 @pytest.fixture(scope="module")
 def pair(llama_a: Any, gemma_b: Any) -> NudgingPair:
-    return NudgingPair(llama_a, gemma_b)  # two tokenizers: byte-level base, byte-fallback chat
+    # Two tokenizers: byte-level base, byte-fallback chat.
+    return NudgingPair(LocalModel(llama_a), LocalModel(gemma_b))
 
 
 @pytest.fixture(scope="module")
 def same_tokenizer_pair(llama_b: Any, gemma_b: Any) -> NudgingPair:
-    return NudgingPair(llama_b, gemma_b)
+    return NudgingPair(LocalModel(llama_b), LocalModel(gemma_b))
 
 
 CONVERSATIONS: dict[str, list[ChatMessage]] = {
@@ -242,7 +288,7 @@ def library(
     mode: str = "nudged",
     fmt: BasePromptFormat | None = None,
 ) -> tuple[str, str | None, str, Any]:
-    generation = pair.generate(messages, config, mode, base_format=fmt)  # type: ignore[arg-type]
+    generation = pair.generate(Request(messages, config, mode, base_format=fmt))  # type: ignore[arg-type]
     segments = list(generation)
     text = "".join(s.text for s in segments)
     sources = "".join((BASE if s.source == "base" else NUDGE) * len(s.text) for s in segments)
@@ -256,7 +302,7 @@ def oracle(
     mode: str = "nudged",
     fmt: BasePromptFormat | None = None,
 ) -> OracleResult:
-    prompts = render_prompts(messages, pair.nudging.text.tokenizer, fmt or pair.base_format)
+    prompts = render_prompts(messages, pair.nudging.chat_template, fmt or pair.base_format)
     result = independent_nudge(
         pair.base.loaded,
         pair.nudging.loaded,
@@ -279,11 +325,19 @@ def assert_equal(
     fmt: BasePromptFormat | None = None,
 ) -> OracleResult:
     want = oracle(pair, messages, config, mode, fmt)
-    text, reason, sources, _ = library(pair, messages, config, mode, fmt)
+    text, reason, sources, generation = library(pair, messages, config, mode, fmt)
     assert text == want.text, f"library: {text!r}\noracle:  {want.text!r}"
     assert reason == want.finish_reason
+    # Streamed as early: wherever the oracle's stream breaks (text released, or the other
+    # model's text starting), the library's does too.
+    assert ends(piece for piece, _ in want.stream) <= ends(s.text for s in generation.segments)
     assert sources == want.sources, "a character attributed to the other model"
     return want
+
+
+def ends(pieces: Iterable[str]) -> set[int]:
+    """Where each streamed piece ends, in characters of the answer."""
+    return set(itertools.accumulate(len(piece) for piece in pieces))
 
 
 LOOPS = {"min_repeat_chars": 1000, "max_same_nudges": 100}
@@ -343,7 +397,7 @@ def test_stop_strings_taken_from_the_middle_of_an_answer(pair: NudgingPair, mode
 
 
 def ids(pair_model: Any, text: str) -> list[int]:
-    return pair_model.text.encode_plain(text)
+    return TokenizerText(pair_model.loaded.tokenizer).encode_plain(text)
 
 
 def coffee_script(model: Any, after: str) -> dict[int, int]:

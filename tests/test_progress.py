@@ -14,9 +14,10 @@ import pytest
 from langchain_nudging.backends.hf import TokenizerText
 from langchain_nudging.backends.local import LocalModel
 from langchain_nudging.config import NudgingConfig, SamplingConfig
-from langchain_nudging.serving.generation import NudgingPair
 from langchain_nudging.prompts import ChatMessage, render_prompts
 from langchain_nudging.reference import ReferenceModel
+from langchain_nudging.request import Mode, Request
+from langchain_nudging.serving.generation import NudgingPair
 
 GREEDY = SamplingConfig()
 PROMPT = "Question: Repeat exactly: coffee coffee coffee\nAnswer:"
@@ -50,8 +51,8 @@ def test_a_window_goes_on_to_the_end_of_its_character(
     loaded = request.getfixturevalue(loaded_name)
     last = TokenizerText(loaded.tokenizer).encode(PROMPT)[-1]
     with forced_next(loaded, cup_script(loaded, loaded_name == "llama_a", [last])):
-        tokens = LocalModel(loaded).session(PROMPT, GREEDY).generate("", size)
-        reference = ReferenceModel(loaded).session(PROMPT, GREEDY).generate("", size)
+        tokens = list(LocalModel(loaded).session(PROMPT, GREEDY).generate("", size))
+        reference = list(ReferenceModel(loaded).session(PROMPT, GREEDY).generate("", size))
     whole = -(-size // 3) * 3  # the window's size, rounded up to whole cups
     assert len(tokens) == whole
     assert "".join(t.text for t in tokens) == CUP * (whole // 3)
@@ -66,12 +67,13 @@ def test_a_window_ends_at_a_stop_string(
     last = TokenizerText(loaded.tokenizer).encode(PROMPT)[-1]
     with forced_next(loaded, cup_script(loaded, loaded_name == "llama_a", [last])):
         session = LocalModel(loaded).session(PROMPT, GREEDY)
-        tokens = session.generate("", 40, stop=[CUP * 2])
-        reference = ReferenceModel(loaded).session(PROMPT, GREEDY).generate("", 40, stop=[CUP * 2])
+        tokens = list(session.generate("", 40, stop=[CUP * 2]))
+        oracle = ReferenceModel(loaded).session(PROMPT, GREEDY)
+        reference = list(oracle.generate("", 40, stop=[CUP * 2]))
         # An occurrence inside the answer already written does not count; one that ends in
         # the new text does, even if it starts in the answer.
-        later = session.generate(CUP * 2, 40, stop=[CUP * 2])
-        apart = session.generate(CUP * 2, 40, stop=[CUP * 2 + "x"])
+        later = list(session.generate(CUP * 2, 40, stop=[CUP * 2]))
+        apart = list(session.generate(CUP * 2, 40, stop=[CUP * 2 + "x"]))
     assert "".join(t.text for t in tokens) == CUP * 2
     assert [t.text for t in reference] == [t.text for t in tokens]
     assert "".join(t.text for t in later) == CUP
@@ -81,12 +83,12 @@ def test_a_window_ends_at_a_stop_string(
 @pytest.fixture
 def cup_pair(llama_a: Any, gemma_b: Any, forced_next: Any) -> Any:
     """The tiny pair, both models writing cups after any prompt's last id."""
-    pair = NudgingPair(llama_a, gemma_b)
+    pair = NudgingPair(LocalModel(llama_a), LocalModel(gemma_b))
     messages = [ChatMessage("user", "Repeat exactly: coffee"), ChatMessage("assistant", "")]
-    prompts = render_prompts(messages, gemma_b.tokenizer)
+    prompts = render_prompts(messages, pair.nudging.chat_template)
     starts = {
-        "base": pair.base.text.encode(prompts.base)[-1],
-        "nudging": pair.nudging.text.encode(prompts.nudging)[-1],
+        "base": TokenizerText(llama_a.tokenizer).encode(prompts.base)[-1],
+        "nudging": TokenizerText(gemma_b.tokenizer).encode(prompts.nudging)[-1],
     }
     with (
         forced_next(llama_a, cup_script(llama_a, True, [starts["base"]])),
@@ -99,13 +101,12 @@ def cup_pair(llama_a: Any, gemma_b: Any, forced_next: Any) -> Any:
 @pytest.mark.parametrize("mode", ["nudged", "base", "nudging"])
 @pytest.mark.parametrize(("chunk", "draft"), [(1, 1), (1, 16), (16, 1), (2, 2)])
 def test_one_token_windows_on_split_characters_end(
-    cup_pair: Any, mode: str, chunk: int, draft: int
+    cup_pair: Any, mode: Mode, chunk: int, draft: int
 ) -> None:
     pair, messages = cup_pair
     config = NudgingConfig(chunk_tokens=chunk, draft_tokens=draft, max_tokens=12)
-    generation = pair.generate(messages, config, mode=mode)
+    generation = pair.generate(Request(messages, config, mode))
     streamed = "".join(segment.text for segment in generation)
-    assert streamed == generation.text
     assert streamed
     assert set(streamed) == {CUP}
     assert generation.stats.finish_reason in ("length", "repetition")
@@ -115,9 +116,10 @@ def test_one_token_windows_on_split_characters_end(
 
 @pytest.mark.timeout(60)
 def test_a_base_window_asks_only_for_the_tokens_the_budget_has_left(llama_a: Any) -> None:
-    pair = NudgingPair(llama_a, llama_a)
+    model = LocalModel(llama_a)
+    pair = NudgingPair(model, model)
     config = NudgingConfig(max_tokens=4, chunk_tokens=96, min_repeat_chars=1000)
-    generation = pair.generate([ChatMessage("user", "Tell me a story.")], config, mode="base")
+    generation = pair.generate(Request([ChatMessage("user", "Tell me a story.")], config, "base"))
     list(generation)
     assert generation.stats.finish_reason in ("length", "stop")
     # 4 tokens (+3 to finish a character at most), not a 96-token window cut to 4.

@@ -15,11 +15,13 @@ from pydantic.v1 import BaseModel as BaseModelV1
 from typing_extensions import TypedDict
 
 from langchain_nudging import NudgedChatModel, NudgingConfig, NudgingPair
+from langchain_nudging.backends.chat_template import template_of
 from langchain_nudging.backends.grammar import GrammarViolationError
-from langchain_nudging.backends.local import LocalModel
+from langchain_nudging.backends.registry import text_model
 from langchain_nudging.chat.tools import ToolCallStream, output_spec, tool_choice_name
 from langchain_nudging.config import SamplingConfig
 from langchain_nudging.prompts import ChatMessage, render_prompts
+from langchain_nudging.request import Request
 from langchain_nudging.structured import (
     GrammarError,
     IncompleteAnswerError,
@@ -155,14 +157,13 @@ def test_instructions_name_the_tools_and_the_format() -> None:
 # -- constrained generation on both models -----------------------------------------------------
 @pytest.fixture
 def pair(llama_a: Any, gemma_b: Any) -> NudgingPair:
-    return NudgingPair(llama_a, gemma_b)  # two different tokenizers
+    return NudgingPair(text_model(llama_a), text_model(gemma_b))  # two different tokenizers
 
 
 @pytest.mark.parametrize("mode", ["nudged", "base", "nudging"])
 def test_a_schema_constrained_answer_parses_and_validates(pair: NudgingPair, mode: str) -> None:
-    generation = pair.generate(
-        ASK, NudgingConfig(max_tokens=200), mode=mode, output=OutputSpec(schema=SETTINGS)
-    )
+    request = Request(ASK, NudgingConfig(max_tokens=200), mode, output=OutputSpec(schema=SETTINGS))
+    generation = pair.generate(request)
     list(generation)
     assert generation.stats.finish_reason == "stop"
     check_settings(json.loads(generation.text))
@@ -175,7 +176,8 @@ def test_both_models_write_parts_of_one_constrained_answer(pair: NudgingPair) ->
     model, continues valid JSON."""
     spec = OutputSpec(schema={"type": "array", "items": SETTINGS, "minItems": 2, "maxItems": 2})
     for gamma in (0.3, 0.5, 0.7):
-        generation = pair.generate(ASK, NudgingConfig(gamma=gamma, max_tokens=300), output=spec)
+        config = NudgingConfig(gamma=gamma, max_tokens=300)
+        generation = pair.generate(Request(ASK, config, output=spec))
         segments = list(generation)
         assert generation.stats.finish_reason == "stop"
         for value in json.loads(generation.text):
@@ -188,7 +190,7 @@ def test_both_models_write_parts_of_one_constrained_answer(pair: NudgingPair) ->
 def test_a_forced_tool_call_names_a_bound_tool_with_valid_arguments(pair: NudgingPair) -> None:
     for choice in ("required", "add", "ping"):
         spec = OutputSpec((ADD, PING), choice)
-        generation = pair.generate(ASK, NudgingConfig(max_tokens=200), output=spec)
+        generation = pair.generate(Request(ASK, NudgingConfig(max_tokens=200), output=spec))
         list(generation)
         call = spec.parse(generation.text)
         assert call is not None, generation.text
@@ -204,22 +206,22 @@ def test_sampling_stays_inside_the_grammar(pair: NudgingPair) -> None:
     sampling = SamplingConfig(temperature=1.5, seed=7)
     config = NudgingConfig(max_tokens=200, base_sampling=sampling, nudging_sampling=sampling)
     for _ in range(3):
-        generation = pair.generate(ASK, config, output=OutputSpec(schema=SETTINGS))
+        generation = pair.generate(Request(ASK, config, output=OutputSpec(schema=SETTINGS)))
         list(generation)
         check_settings(json.loads(generation.text))
 
 
 def test_unconstrained_requests_compute_no_mask(pair: NudgingPair) -> None:
-    generation = pair.generate(ASK, NudgingConfig(max_tokens=24))
+    generation = pair.generate(Request(ASK, NudgingConfig(max_tokens=24)))
     list(generation)
     assert generation.stats.grammar_masks == {"base": 0, "nudging": 0}
 
 
 def test_confidence_is_the_raw_softmax_under_a_grammar(llama_a: Any) -> None:
-    model = LocalModel(llama_a)
+    model = text_model(llama_a)
     spec = OutputSpec(schema=SETTINGS)
     free = model.session("Question: hi\nAnswer: ", SamplingConfig())
-    held = model.session("Question: hi\nAnswer: ", SamplingConfig(), spec.grammar)
+    held = model.session("Question: hi\nAnswer: ", SamplingConfig(), grammar=spec.grammar)
     for answer in ("", '{"ok": ', '{"ok": true, "color": "'):
         a, b = free.peek(answer), held.peek(answer)
         assert (a.top1_prob, a.top2_prob) == (b.top1_prob, b.top2_prob)
@@ -229,9 +231,8 @@ def test_confidence_is_the_raw_softmax_under_a_grammar(llama_a: Any) -> None:
 
 
 def test_an_answer_outside_the_grammar_is_a_clear_error(llama_a: Any) -> None:
-    session = LocalModel(llama_a).session(
-        "Q\nA: ", SamplingConfig(), OutputSpec(schema=SETTINGS).grammar
-    )
+    grammar = OutputSpec(schema=SETTINGS).grammar
+    session = text_model(llama_a).session("Q\nA: ", SamplingConfig(), grammar=grammar)
     with pytest.raises(GrammarViolationError, match="does not fit the grammar"):
         session.peek("not json")
     assert session.peek('{"ok": ').text  # the session still serves valid answers
@@ -258,7 +259,7 @@ TOOLS_TEMPLATE = (
 
 def test_base_transcript_shows_tools_calls_and_results(sp_tokenizer: Any) -> None:
     spec = OutputSpec((ADD,), "auto")
-    prompts = render_prompts(HISTORY, sp_tokenizer, output=spec)
+    prompts = render_prompts(HISTORY, template_of(sp_tokenizer), output=spec)
     assert prompts.base == (
         "You are a helpful assistant.\n\n"
         + spec.instructions()
@@ -269,11 +270,11 @@ def test_base_transcript_shows_tools_calls_and_results(sp_tokenizer: Any) -> Non
     )
     assert "\nResult:" in prompts.stop
     # Without tools, the tool marker is no stop string (answers may say "Result:").
-    assert "\nResult:" not in render_prompts(ASK, sp_tokenizer).stop
+    assert "\nResult:" not in render_prompts(ASK, template_of(sp_tokenizer)).stop
 
 
 def test_a_template_without_tools_gets_them_as_text(sp_tokenizer: Any) -> None:
-    prompts = render_prompts(HISTORY, sp_tokenizer, output=OutputSpec((ADD,), "auto"))
+    prompts = render_prompts(HISTORY, template_of(sp_tokenizer), output=OutputSpec((ADD,), "auto"))
     assert ADD.definition() in prompts.nudging
     assert '<|im_start|>assistant\n{"name": "add", "arguments": {"a": 2, "b": 3}}' in (
         prompts.nudging
@@ -285,7 +286,7 @@ def test_a_template_without_tools_gets_them_as_text(sp_tokenizer: Any) -> None:
 def test_a_template_that_reads_tools_renders_them_itself(make_tokenizer: Any) -> None:
     tokenizer = make_tokenizer("sp", chat_template=TOOLS_TEMPLATE)
     spec = OutputSpec((ADD,), "auto")
-    prompts = render_prompts(HISTORY, tokenizer, output=spec)
+    prompts = render_prompts(HISTORY, template_of(tokenizer), output=spec)
     assert "TOOLS: add" in prompts.nudging
     assert ADD.definition() not in prompts.nudging  # listed by the template, not twice
     assert "Otherwise answer in words." in prompts.nudging  # the format rules stay
@@ -460,7 +461,7 @@ def test_call_threshold_decides_between_a_call_and_text_up_front(
     pair: NudgingPair, threshold: float, calls: bool
 ) -> None:
     spec = OutputSpec((ADD, PING), "auto", call_threshold=threshold)
-    generation = pair.generate(ASK, NudgingConfig(max_tokens=200), output=spec)
+    generation = pair.generate(Request(ASK, NudgingConfig(max_tokens=200), output=spec))
     list(generation)
     probability = generation.stats.call_probability
     assert probability is not None
@@ -514,16 +515,40 @@ def test_functions_pydantic_classes_and_schemas_bind_as_tools(chat: NudgedChatMo
 
 
 def test_prepare_builds_the_grammar_tokenizers_off_the_worker(
-    make_tokenizer: Any, llama_a: Any
+    make_tokenizer: Any, llama_a: Any, build_model: Any
 ) -> None:
-    from conftest import build_gemma
-
-    pair = NudgingPair(llama_a, build_gemma(make_tokenizer("sp")))  # a fresh nudging model
+    fresh = text_model(build_model("gemma", make_tokenizer("sp")))  # a fresh nudging model
+    pair = NudgingPair(text_model(llama_a), fresh)
     spec = OutputSpec(schema=SETTINGS)
     assert pair.prepared(None)
     assert pair.prepared(OutputSpec())
-    assert not pair.nudging.grammar.built
+    assert not fresh.prepared(grammars=True)
     assert not pair.prepared(spec)
     pair.prepare(spec)
     assert pair.prepared(spec)
-    assert pair.nudging.grammar.built
+    assert fresh.prepared(grammars=True)
+
+
+# -- what a backend cannot do is refused up front -----------------------------------------------
+def test_a_backend_without_grammars_refuses_constrained_answers(pair: NudgingPair) -> None:
+    from scripted_backend import ScriptedModel  # Capabilities(): no grammars, no grammar mass
+
+    scripted = ScriptedModel("scripted:plain", unsure=0.9)
+    with pytest.raises(ValueError, match="scripted:plain cannot constrain its answer"):
+        NudgingPair(scripted, pair.nudging).generate(
+            Request(ASK, output=OutputSpec(schema=SETTINGS))
+        )
+    # The base model alone needs no nudging model's grammar.
+    solo = NudgingPair(pair.base, scripted).generate(
+        Request(ASK, NudgingConfig(max_tokens=8), "base", output=OutputSpec(schema=SETTINGS))
+    )
+    list(solo)
+
+
+def test_a_backend_without_grammar_mass_refuses_the_call_threshold(pair: NudgingPair) -> None:
+    from scripted_backend import ScriptedModel
+
+    scripted = ScriptedModel("scripted:plain", unsure=0.9)
+    spec = OutputSpec((ADD, PING), "auto", call_threshold=0.5)
+    with pytest.raises(ValueError, match=r"^tool_call_threshold: scripted:plain cannot measure"):
+        NudgingPair(pair.base, scripted).generate(Request(ASK, output=spec))

@@ -85,16 +85,17 @@ class TextSession(Protocol):
         """Continue ``prompt + answer`` token by token, reading the text once at the start.
 
         Tokens are yielded as they are decided (a caller may stop reading at any point; closing
-        the iterator ends the window). Stops after ``max_new_tokens`` tokens, after an end-of-sequence token (returned last),
-        at the first token whose top-1 probability is below ``min_prob`` (returned last, so
-        the caller sees why it stopped), or after the token whose text completes an occurrence
-        of a ``stop`` string in ``answer`` followed by the new text (an occurrence that ends
-        inside ``answer`` does not count). A window never ends inside a character: when the
-        last token leaves a UTF-8 character incomplete, up to 3 more tokens are taken past
-        ``max_new_tokens`` until it is complete (docs/algorithm.md, rule 7). ``first``, when
-        given, must be this session's :meth:`peek` of the same ``answer``: it is taken as the
-        first token whatever its probability, without asking the model again. ``min_prob`` is
-        gamma: a backend decides "below" with :func:`~langchain_nudging.config.confident`.
+        the iterator ends the window). Stops after ``max_new_tokens`` tokens, after an
+        end-of-sequence token (returned last), at the first token whose top-1 probability is
+        below ``min_prob`` (returned last, so the caller sees why it stopped), or after the
+        token whose text completes an occurrence of a ``stop`` string in ``answer`` followed by
+        the new text (an occurrence that ends inside ``answer`` does not count). A window never
+        ends inside a character: when the last token leaves a UTF-8 character incomplete, up to
+        3 more tokens are taken past ``max_new_tokens`` until it is complete (docs/algorithm.md,
+        rule 7). ``first``, when given, must be this session's :meth:`peek` of the same
+        ``answer``: it is taken as the first token whatever its probability, without asking the
+        model again. ``min_prob`` is gamma: a backend decides "below" with
+        :func:`~langchain_nudging.config.confident`.
         """
         ...
 

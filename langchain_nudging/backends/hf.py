@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
@@ -16,7 +15,8 @@ from transformers import (
 )
 
 from ..config import SamplingConfig
-from .base import ContextWindowError, Token, controls_of
+from .base import ContextWindowError, controls_of
+from .cached import common_prefix_length
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -25,7 +25,6 @@ _CONTEXT_IDS = 4  # ids decoded before new tokens so that leading spaces come ou
 _INCOMPLETE = "\ufffd"  # what a decoder shows for the bytes of an unfinished UTF-8 character
 
 
-_T = TypeVar("_T")
 # Where text may be cut and tokenized in two pieces: at a single space between two words.
 _WORD_START = re.compile(r"(?<=\w)(?= \w)")
 # A text to check that on, once per tokenizer (docs/reliability.md).
@@ -37,21 +36,6 @@ _SPLIT_SAMPLE = (
     " €5 £3 — … def add(a, b): return a + b  # adds\tnumbers   spaced    out ok. www.a.com/x?y=1"
     " e.g. i.e. U.S.A. 3.14 1,000,000 50% #hash @at $dollar ^caret &amp *star _under_ ~tilde"
 )
-
-
-def common_prefix_length(a: Sequence[_T], b: Sequence[_T]) -> int:
-    """Length of the longest common prefix (slices compared in C, by bisection)."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 class PromptTooLongError(ContextWindowError):
@@ -155,9 +139,11 @@ class TokenizerText:
         )
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(
+        text = self.tokenizer.decode(
             ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
         )
+        assert isinstance(text, str)  # one sequence of ids decodes to one text
+        return text
 
     def texts(self, context: list[int], new: list[int]) -> list[str]:
         """What each id of ``new`` adds to the text after ``context``.
@@ -287,35 +273,6 @@ class Detokenizer:
         return added
 
 
-CARRY_TOKENS = 3  # a UTF-8 character has at most 4 bytes: tokens a window may run past its size
-
-
-def window_full(tokens: Sequence[Token], size: int, detokenizer: Detokenizer) -> bool:
-    """A window of ``size`` tokens is full, unless its last token left a character open
-    (then it goes on for up to :data:`CARRY_TOKENS` more, docs/algorithm.md rule 7)."""
-    if len(tokens) < size:
-        return False
-    return not detokenizer.incomplete or len(tokens) >= size + CARRY_TOKENS
-
-
-class StopFinder:
-    """Finds the first occurrence of a stop string that ends in text added after ``answer``."""
-
-    def __init__(self, stop: Sequence[str], answer: str) -> None:
-        self._stop = tuple(stop)
-        self._keep = max((len(s) for s in self._stop), default=1) - 1
-        self._tail = answer[-self._keep :] if self._keep else ""
-
-    def found(self, text: str) -> bool:
-        if not self._stop or not text:
-            return False
-        window = self._tail + text
-        old = len(self._tail)
-        hit = any(window.find(s, max(0, old - len(s) + 1)) != -1 for s in self._stop)
-        self._tail = window[-self._keep :] if self._keep else ""
-        return hit
-
-
 def control_tokens(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """The tokenizer's control tokens (its special added tokens) by their text.
 
@@ -362,7 +319,7 @@ class TokenChooser:
         """``(id, top1_prob, top2_prob)`` for one position's logits (shape ``[vocab]``).
 
         ``allowed`` (a boolean mask, e.g. a grammar's) limits which id is picked; the
-        probabilities stay those of the raw softmax (DESIGN rule 6).
+        probabilities stay those of the raw softmax (docs/algorithm.md, rule 6).
         """
         logits = logits.float()
         top = torch.topk(torch.softmax(logits, dim=-1), 2)

@@ -1,11 +1,13 @@
 """``NudgedChatModel``: nudging as a LangChain chat model, and only the LangChain adapter.
 
-It turns LangChain messages into :class:`~langchain_nudging.prompts.ChatMessage` objects, builds a
-:class:`~langchain_nudging.config.NudgingConfig`, submits the request to the process-wide engine
-of the loaded pair (:func:`~langchain_nudging.serving.engine.shared_engine`) and maps the engine's events
-to ``ChatGenerationChunk`` objects: one chunk per segment, then a last, empty chunk with the
-usage and response metadata. Generation runs on the engine's threads; ``_astream`` awaits
-the engine's events on the caller's event loop, which is never blocked by a forward pass.
+A call's messages become :class:`~langchain_nudging.prompts.ChatMessage` objects
+(:mod:`.messages`), its fields and options one :class:`~langchain_nudging.request.Request`
+(:mod:`.options`), submitted to the process-wide engine of the pair
+(:func:`~langchain_nudging.serving.shared.shared_engine`, over the text models that
+:func:`~langchain_nudging.backends.registry.text_model` resolves); the engine's events become
+chunks (:mod:`.chunks`). Generation runs on the engine's threads; ``_astream`` awaits the
+engine's events on the caller's event loop, which is never blocked by a forward pass.
+docs/chat_model.md describes every field.
 """
 
 from __future__ import annotations
@@ -13,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Annotated, Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import (
@@ -25,17 +26,7 @@ from langchain_core.language_models import (
     ModelProfile,
 )
 from langchain_core.language_models.chat_models import generate_from_stream
-from langchain_core.messages import (
-    AIMessage,
-    AIMessageChunk,
-    BaseMessage,
-    HumanMessage,
-    SystemMessage,
-    ToolMessage,
-    UsageMetadata,
-    convert_to_messages,
-)
-from langchain_core.messages import ChatMessage as LangChainChatMessage
+from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable
@@ -47,364 +38,66 @@ from pydantic import (
     Field,
     PrivateAttr,
     SecretStr,
-    ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 from typing_extensions import Self
 
-from ..algorithm import Mode
-from .tools import (
-    METHODS,
-    StructuredMethod,
-    ToolCallStream,
-    format_tools,
-    output_spec,
-    schema_name,
-    structured_output,
-)
-from ..config import NudgingConfig, SamplingConfig
-from ..serving.engine import Failed, Finished, NudgingEngine, RequestHandle, SegmentEvent, shared_engine
-from ..models import (
+from ..backends.base import TextModel
+from ..backends.registry import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,
-    LoadedModel,
-    load_model,
-    resolve_device,
-    resolve_dtype,
+    check_spec,
+    spec_label,
+    text_model,
 )
-from ..prompts import DEFAULT_SYSTEM, BasePromptFormat, ChatMessage, Role, normalize
-from ..structured import IncompleteAnswerError, OutputSpec, ToolCall
+from ..config import NudgingConfig, SamplingConfig
+from ..prompts import DEFAULT_SYSTEM, BasePromptFormat, normalize
+from ..request import Mode, Request
+from ..serving.engine import NudgingEngine
+from ..serving.shared import shared_engine
+from ..structured import OutputSpec
+from .chunks import Answer
+from .messages import check_input, to_chat_messages
+from .options import (
+    KNOBS,
+    Call,
+    Seconds,
+    call_options,
+    knob_fields,
+    nudging_config,
+    stop_list,
+)
+from .tools import METHODS, StructuredMethod, format_tools, output_spec, schema_name
+from .tools import structured_output as parsed_output
 
-# Constraints shared by the fields and the per-call options, so both fail the same way.
-Gamma = Annotated[float, Field(ge=0.0, le=1.0)]
-Window = Annotated[int, Field(ge=1, le=4096)]
-PositiveInt = Annotated[int, Field(ge=1)]
-Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
-TopP = Annotated[float, Field(gt=0.0, le=1.0)]
-TopK = Annotated[int, Field(ge=0)]
-Seed = Annotated[int, Field(ge=0, le=2**64 - 1)]  # what a torch generator takes
-Seconds = Annotated[float, Field(gt=0.0, le=threading.TIMEOUT_MAX)]
-NonEmpty = Annotated[str, Field(min_length=1)]
-
-#: The engine's finish reasons -> LangChain's usual ``finish_reason`` values.
-FINISH_REASONS: dict[str, str] = {
-    "stop": "stop",  # the nudging model ended the answer, or a stop string was reached
-    "length": "length",  # max_tokens
-    "round_cap": "length",  # max_rounds: a budget, like max_tokens
-    "repetition": "stop",  # a loop breaker ended the answer
-}
-
-_ROLES: dict[str, Role] = {
-    "system": "system",
-    "developer": "system",
-    "human": "user",
-    "user": "user",
-    "ai": "assistant",
-    "assistant": "assistant",
-}
-
-
-def finish_reason_for(reason: str | None) -> str:
-    """LangChain's ``finish_reason`` for an engine finish reason (``None`` counts as ``stop``)."""
-    return FINISH_REASONS.get(reason or "stop", reason or "stop")
-
-
-def to_chat_messages(messages: Sequence[BaseMessage]) -> list[ChatMessage]:
-    """LangChain messages -> the engine's ``ChatMessage`` list, or a ``ValueError`` naming the
-    first message (and content block) it cannot take. ``name`` is accepted and not rendered,
-    except on a tool message (the tool's name)."""
-    if not messages:
-        raise ValueError("messages: the conversation is empty; pass at least one human message")
-    converted = []
-    tool_names: dict[str, str] = {}  # tool call id -> tool name, for tool messages without one
-    for index, message in enumerate(messages):
-        role = _role(message, index)
-        if isinstance(message, AIMessage):
-            calls = tuple(_tool_call(call, index, k) for k, call in enumerate(message.tool_calls))
-            tool_names.update({c.id: c.name for c in calls if c.id})
-            text = _text(message.content, index, skip=_TOOL_CALL_BLOCKS)
-            converted.append(ChatMessage(role, text, calls))
-        elif isinstance(message, ToolMessage):
-            name = message.name or tool_names.get(message.tool_call_id)
-            text = _text(message.content, index)
-            if message.status == "error":
-                text = f"Error: {text}" if not text.lower().startswith("error") else text
-            converted.append(
-                ChatMessage(
-                    role,
-                    text,
-                    name=name if isinstance(name, str) else None,
-                    tool_call_id=_optional_str(message.tool_call_id, index, "tool_call_id"),
-                )
-            )
-        else:
-            converted.append(ChatMessage(role, _text(message.content, index)))
-    return converted
-
-
-def _tool_call(call: Any, index: int, number: int) -> ToolCall:
-    where = f"messages[{index}].tool_calls[{number}]"
-    if not isinstance(call, dict):
-        raise ValueError(f"{where}: expected a tool call dict, got {type(call).__name__}")
-    name, args = call.get("name"), call.get("args", {})
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"{where}.name: expected the tool's name, got {name!r}")
-    if not isinstance(args, dict):
-        raise ValueError(f"{where}.args: expected a dict of arguments, got {type(args).__name__}")
-    return ToolCall(name, dict(args), _optional_str(call.get("id"), index, "tool call id"))
-
-
-def _optional_str(value: Any, index: int, field: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise ValueError(f"messages[{index}].{field}: expected a string, got {type(value).__name__}")
-
-
-def _check_input(model_input: Any) -> None:
-    """A clear ``ValueError`` naming the first item of a message list LangChain cannot read."""
-    if isinstance(model_input, bytes | bytearray):
-        raise ValueError("input: bytes are not supported; pass a string or a list of messages")
-    if not isinstance(model_input, Sequence) or isinstance(model_input, str | PromptValue):
-        return
-    for index, item in enumerate(model_input):
-        try:
-            convert_to_messages([item])
-        except ValidationError as error:
-            raise ValueError(f"messages[{index}]: {_short_errors(error)}") from None
-        except (NotImplementedError, ValueError, TypeError, KeyError) as error:
-            detail = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-            raise ValueError(
-                f"messages[{index}]: {type(item).__name__} is not a message ({detail[:200]}); "
-                "pass LangChain messages, (role, text) tuples, strings or "
-                "{'role': ..., 'content': ...} dicts"
-            ) from None
-
-
-# Content blocks of an AI message that repeat its tool calls (Anthropic, OpenAI Responses).
-_TOOL_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "function_call", "server_tool_use"})
-
-
-def _role(message: BaseMessage, index: int) -> Role:
-    where = f"messages[{index}]"
-    if isinstance(message, AIMessage):
-        return "assistant"
-    if isinstance(message, HumanMessage):
-        return "user"
-    if isinstance(message, SystemMessage):
-        return "system"
-    if isinstance(message, ToolMessage):
-        return "tool"
-    if isinstance(message, LangChainChatMessage) and message.role.lower() in _ROLES:
-        return _ROLES[message.role.lower()]
-    kind = type(message).__name__
-    if isinstance(message, LangChainChatMessage):
-        kind += f" with role {message.role!r}"
-    raise ValueError(
-        f"{where}: {kind} is not supported; use system, human, AI or tool messages "
-        f"(or a ChatMessage with role one of {sorted(_ROLES)})"
+if TYPE_CHECKING:  # the knob fields are read by name (getattr), so a type checker needs none
+    _WithKnobs = BaseChatModel
+else:
+    _WithKnobs = create_model(
+        "_WithKnobs", __base__=BaseChatModel, __module__=__name__, **knob_fields()
     )
 
-
-def _text(
-    content: str | list[str | dict[str, Any]], index: int, skip: frozenset[str] = frozenset()
-) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list | tuple):
-        raise ValueError(
-            f"messages[{index}].content: {type(content).__name__} content is not supported; "
-            "NudgedChatModel reads text only (a string or a list of text blocks)"
-        )
-    parts = []
-    for number, block in enumerate(content):
-        if isinstance(block, str):
-            parts.append(block)
-        elif isinstance(block, dict) and block.get("type") == "text":
-            parts.append(str(block.get("text", "")))
-        elif isinstance(block, dict) and block.get("type") in skip:
-            continue
-        else:
-            kind = block.get("type") if isinstance(block, dict) else type(block).__name__
-            raise ValueError(
-                f"messages[{index}].content[{number}]: {kind!r} content is not supported; "
-                "NudgedChatModel reads text only (strings or {'type': 'text'} blocks)"
-            )
-    return "".join(parts)
+#: The loading fields: options of the factory that turns a model spec into a text model.
+LOAD_FIELDS = ("dtype", "device", "device_map", "trust_remote_code", "cache_dir", "allow_pickle")
 
 
-def _model_label(source: Any) -> str:
-    if isinstance(source, LoadedModel):
-        return source.name
-    if isinstance(source, tuple):
-        return "custom"
-    if isinstance(source, str | os.PathLike):
-        return os.fspath(source)
-    return type(source).__name__  # not a source: the call's validation reports it
-
-
-def _check_source(value: Any, field: str) -> Any:
-    if isinstance(value, LoadedModel):
-        return value
-    if isinstance(value, tuple) and len(value) == 2:
-        return value
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(
-            f"{field}: expected a bundled id, a Hugging Face Hub id, a model folder, a .gguf "
-            f"file, a LoadedModel or a (model, tokenizer) tuple, got {value!r}"
-        )
-    bundled = (BUNDLED_BASE_ID, BUNDLED_NUDGING_ID)
-    if value.startswith("bundled:") and value not in bundled:
-        raise ValueError(f"{field}: unknown bundled model {value!r}; use one of {bundled}")
-    return value
-
-
-class _CallOptions(BaseModel):
-    """What one call may override (validated with the constraints of the fields)."""
-
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
-
-    model: Any = None
-    mode: Mode | None = None
-    gamma: Gamma | None = None
-    draft_tokens: Window | None = None
-    chunk_tokens: Window | None = None
-    max_rounds: PositiveInt | None = None
-    max_same_nudges: PositiveInt | None = None
-    loop_passage_words: PositiveInt | None = None
-    min_repeat_chars: PositiveInt | None = None
-    max_tokens: PositiveInt | None = None
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    seed: Seed | None = None
-    timeout: Seconds | None = None
-    # Tools and structured output (set by bind_tools / with_structured_output / bind).
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: Any = None
-    parallel_tool_calls: bool | None = None
-    strict: bool | None = None
-    ls_structured_output_format: Any = None  # LangSmith's record of the requested format
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, value: Any) -> Any:
-        return None if value is None else _check_source(value, "model")
-
-
-_CALL_OPTIONS = tuple(_CallOptions.model_fields)
-_IGNORED_CALL_OPTIONS = frozenset({"stream"})  # LangChain's own switch, already acted on
-
-
-def _short_errors(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'value'}={e.get('input')!r}: {e['msg']}"
-        for e in error.errors()
-    )
-
-
-@dataclass(frozen=True)
-class _Request:
-    """One call, validated: what to submit and how to label the answer."""
-
-    messages: list[ChatMessage]
-    config: NudgingConfig
-    mode: Mode
-    base_format: BasePromptFormat
-    base: Any
-    timeout: float | None
-    output: OutputSpec
-
-    @property
-    def model_name(self) -> str:
-        return _model_label(self.base)
-
-
-class _Answer:
-    """Maps one request's engine events to chunks."""
-
-    def __init__(self, request: _Request, engine: NudgingEngine) -> None:
-        self.request = request
-        self.nudging_name = engine.pair.nudging.name
-        self.timed_out = False
-        self.calls = ToolCallStream(request.output)
-
-    def chunks(self, event: SegmentEvent | Finished | Failed) -> list[ChatGenerationChunk]:
-        if isinstance(event, SegmentEvent):
-            segment = event.segment
-            if not segment.text:
-                return []
-            provenance = {
-                "text": segment.text,
-                "source": segment.source,
-                "base_top1_prob": segment.base_top1_prob,
-            }
-            content, calls = self.calls.add(segment.text)
-            message = AIMessageChunk(
-                content=content,
-                tool_call_chunks=calls,
-                response_metadata={"segments": [provenance]},
-            )
-            return [ChatGenerationChunk(message=message)]
-        if isinstance(event, Failed):
-            raise event.error
-        return self._last(event)
-
-    def _last(self, finished: Finished) -> list[ChatGenerationChunk]:
-        stats = finished.stats
-        if stats.finish_reason == "cancelled":
-            if self.timed_out:
-                raise TimeoutError(
-                    f"the answer took longer than timeout={self.request.timeout}s; the request "
-                    "was cancelled in the engine"
-                )
-            raise RuntimeError("the request was cancelled in the engine (was it shut down?)")
-        try:
-            content, calls = self.calls.finish()
-        except IncompleteAnswerError as error:
-            raise IncompleteAnswerError(
-                f"{error} (finish_reason={stats.finish_reason!r}; raise max_tokens "
-                f"(now {self.request.config.max_tokens}) or lower max_json_string_length)"
-            ) from None
-        rest = (
-            [ChatGenerationChunk(message=AIMessageChunk(content=content, tool_call_chunks=calls))]
-            if content or calls
-            else []
-        )
-        output = stats.base_tokens + stats.nudge_tokens  # the answer's base-tokenizer count
-        usage = UsageMetadata(
-            input_tokens=stats.prompt_tokens,
-            output_tokens=output,
-            total_tokens=stats.prompt_tokens + output,
-        )
-        info = {
-            "model_name": self.request.model_name,
-            "model_provider": "nudging",
-            "nudging_model_name": self.nudging_name,
-            "mode": self.request.mode,
-            "finish_reason": (
-                "tool_calls" if self.calls.is_call else finish_reason_for(stats.finish_reason)
-            ),
-            "nudging_finish_reason": stats.finish_reason,
-            "nudging_stats": stats.as_dict(),
-        }
-        message = AIMessageChunk(
-            content="", usage_metadata=usage, response_metadata=info, chunk_position="last"
-        )
-        return [*rest, ChatGenerationChunk(message=message, generation_info=dict(info))]
-
-
-class NudgedChatModel(BaseChatModel):
+class NudgedChatModel(_WithKnobs):
     """Nudging (arXiv 2410.09300) as a LangChain chat model.
 
     A pretrained base model writes most of the answer; a small instruction-tuned model (the
     nudging model) writes the words where the base model's top-1 next-token probability is
     below ``gamma``. Both models stay resident in this process and every instance naming the
-    same models shares them and one engine worker. Nothing loads at construction: weights load
-    on first use (or :meth:`load`).
+    same models shares them and one engine. Nothing loads at construction: weights load on
+    first use (or :meth:`load`).
+
+    The algorithm's knobs (``gamma``, ``draft_tokens``, ``chunk_tokens``, ``max_tokens``,
+    ``max_rounds``, ``max_same_nudges``, ``loop_passage_words``, ``min_repeat_chars``) and the
+    sampling knobs (``temperature``, ``top_p``, ``top_k``, ``seed``) are fields declared by
+    :class:`~langchain_nudging.config.NudgingConfig` and
+    :class:`~langchain_nudging.config.SamplingConfig`, with their defaults, ranges and
+    descriptions; each is also a per-call option.
 
     Setup:
         ``pip install langchain-nudging[bundled]`` and
@@ -440,72 +133,42 @@ class NudgedChatModel(BaseChatModel):
     # -- the pair --------------------------------------------------------------------------
     base_model: Any = Field(default=BUNDLED_BASE_ID, alias="model")
     """The base (pretrained) model that writes most of the answer: a bundled id, a Hugging Face
-    Hub id, a local transformers folder, a ``.gguf`` file, a ``LoadedModel`` or a
-    ``(model, tokenizer)`` tuple. Also accepted as ``model=`` (and per call)."""
+    Hub id, a local transformers folder, a ``.gguf`` file, a ``LoadedModel``, a
+    ``(model, tokenizer)`` tuple or a spec a registered backend claims. Also accepted as
+    ``model=`` (and per call)."""
     nudging_model: Any = BUNDLED_NUDGING_ID
     """The aligned (instruction-tuned) model that writes where the base model is unsure; same
     forms as ``base_model``. It reads the conversation through its own chat template."""
     mode: Mode = "nudged"
     """``"nudged"``, or a baseline with the same prompts and stop rules: ``"base"`` (the base
     model alone) or ``"nudging"`` (the nudging model alone)."""
-
-    # -- the algorithm ---------------------------------------------------------------------
-    gamma: Gamma = 0.4
-    """The base model writes only while its top-1 next-token probability is >= gamma; in [0, 1].
-    0.4 is the authors' setting; the paper finds 0.2-0.5 robust."""
-    draft_tokens: Window = 16
-    """Tokens the nudging model drafts per round; in [1, 4096]."""
-    chunk_tokens: Window = 16
-    """Base tokens asked for at once before the base model re-reads the answer; in [1, 4096]."""
-    max_rounds: PositiveInt = 150
-    """Round cap (draft + base turn); the answer ends with ``finish_reason="length"``."""
-    max_same_nudges: PositiveInt = 3
-    """Stop before the same accepted nudging words would be appended this many times more in a
-    row (the authors' 3: stop before the fourth); ``finish_reason="stop"``."""
-    loop_passage_words: PositiveInt = 5
-    """A base passage of more than this many words already in the answer ends the base turn."""
-    min_repeat_chars: PositiveInt = 30
-    """An immediately repeated answer suffix this long stops the answer (the copy is cut)."""
-    max_tokens: PositiveInt = 512
-    """Answer length cap in base-tokenizer tokens, cut exactly; >= 1."""
     stop: list[str] | None = None
     """Stop strings (not included in the answer); joined with each call's ``stop``."""
-
-    # -- sampling --------------------------------------------------------------------------
-    temperature: Temperature = 0.0
-    """0 is greedy decoding (the default); in [0, 100]. Applied to both models unless
-    ``nudging_sampling`` is set. Confidence is always the raw softmax, before temperature."""
-    top_p: TopP = 1.0
-    """Nucleus sampling mass, in (0, 1]; both models unless ``nudging_sampling`` is set."""
-    top_k: TopK = 0
-    """Keep the k most likely tokens, 0 = all; both models unless ``nudging_sampling`` is set."""
-    seed: Seed | None = None
-    """Seed of each model's random generator (sampling only); the same seed for both models
-    unless ``nudging_sampling`` is set."""
     nudging_sampling: SamplingConfig | None = None
     """Separate sampling for the nudging model; ``None`` uses temperature/top_p/top_k/seed."""
 
     # -- prompts ---------------------------------------------------------------------------
     base_system_prompt: str = DEFAULT_SYSTEM
     """The system line when the conversation has no system message (both models read it)."""
-    base_user_prefix: NonEmpty = "Question: "
+    base_user_prefix: str = Field(default="Question: ", min_length=1)
     """Label of a user turn in the base model's transcript (the authors' open-task format uses
     ``"Instruction: "``)."""
-    base_assistant_prefix: NonEmpty = "Answer: "
+    base_assistant_prefix: str = Field(default="Answer: ", min_length=1)
     """Label of an assistant turn in the base model's transcript."""
-    base_separator: NonEmpty = "\n"
+    base_separator: str = Field(default="\n", min_length=1)
     """Between the transcript's lines; separator + a label is also a stop string."""
 
     # -- tools and structured output ---------------------------------------------------------
-    max_json_string_length: PositiveInt | None = 512
+    max_json_string_length: int | None = Field(default=512, ge=1)
     """Longest JSON string (in characters) in a tool call or structured answer whose schema
     sets no length of its own: small models can loop inside a string until ``max_tokens``
     ends the answer mid-JSON; the grammar closes the string instead. ``None``: no cap."""
-    tool_call_threshold: Gamma | None = None
+    tool_call_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     """With ``tool_choice="auto"``: ``None`` lets the models' first tokens choose between a
     tool call and another answer. A number in [0, 1] decides up front: the answer is a call when
     the nudging model's probability of starting one is at least this. Small models rarely put
-    much probability on a call even when one fits (docs/tools.md has measured values)."""
+    much probability on a call even when one fits (docs/tools.md has measured values). It needs
+    a nudging model that can measure a grammar's probability mass."""
 
     # -- LangChain -------------------------------------------------------------------------
     streaming: bool = False
@@ -518,7 +181,7 @@ class NudgedChatModel(BaseChatModel):
     api_key: SecretStr | None = None
     """Accepted for compatibility; unused (local models need no key)."""
 
-    # -- loading ---------------------------------------------------------------------------
+    # -- loading (options of the factory: validated when the models load) ---------------------
     device: str | None = None
     """Torch device for both models; ``None``: CUDA when available, else CPU."""
     device_map: str | dict[str, Any] | None = None
@@ -536,19 +199,17 @@ class NudgedChatModel(BaseChatModel):
     run code when it is loaded, so only safetensors weights load unless this is set."""
 
     _base_format: BasePromptFormat = PrivateAttr(default_factory=BasePromptFormat)
-    _loaded: dict[tuple[str, Any], LoadedModel] = PrivateAttr(default_factory=dict)
-    _load_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     # -- validation --------------------------------------------------------------------------
     @field_validator("base_model")
     @classmethod
-    def _base_source(cls, value: Any) -> Any:
-        return _check_source(value, "model")
+    def _base_spec(cls, value: Any) -> Any:
+        return check_spec(value, "model")
 
     @field_validator("nudging_model")
     @classmethod
-    def _nudging_source(cls, value: Any) -> Any:
-        return _check_source(value, "nudging_model")
+    def _nudging_spec(cls, value: Any) -> Any:
+        return check_spec(value, "nudging_model")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -560,20 +221,6 @@ class NudgedChatModel(BaseChatModel):
     def _stop_nonempty(cls, value: list[str] | None) -> list[str] | None:
         if value and any(not s for s in value):
             raise ValueError("stop strings must be non-empty")
-        return value
-
-    @field_validator("dtype")
-    @classmethod
-    def _dtype(cls, value: Any) -> Any:
-        if not (isinstance(value, str) and value.strip().lower() == "auto"):
-            resolve_dtype(value, "cpu")  # raises on an unknown name, without touching CUDA
-        return value
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str | None) -> str | None:
-        if value is not None:
-            resolve_device(value)  # raises on a malformed device or CUDA without CUDA
         return value
 
     @field_validator("cache_dir", mode="before")
@@ -593,8 +240,8 @@ class NudgedChatModel(BaseChatModel):
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         for name, value in super().__repr_args__():  # a loaded model by its name, not its layers
-            is_model = isinstance(value, LoadedModel | tuple)
-            yield name, (f"<{_model_label(value)}>" if is_model else value)
+            is_object = name in ("base_model", "nudging_model") and not isinstance(value, str)
+            yield name, (f"<{spec_label(value)}>" if is_object else value)
 
     # -- LangChain metadata ------------------------------------------------------------------
     @property
@@ -604,21 +251,10 @@ class NudgedChatModel(BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {
-            "model": _model_label(self.base_model),
-            "nudging_model": _model_label(self.nudging_model),
+            "model": spec_label(self.base_model),
+            "nudging_model": spec_label(self.nudging_model),
             "mode": self.mode,
-            "gamma": self.gamma,
-            "draft_tokens": self.draft_tokens,
-            "chunk_tokens": self.chunk_tokens,
-            "max_rounds": self.max_rounds,
-            "max_same_nudges": self.max_same_nudges,
-            "loop_passage_words": self.loop_passage_words,
-            "min_repeat_chars": self.min_repeat_chars,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
+            **self._knobs(),
             "nudging_sampling": (
                 self.nudging_sampling.model_dump() if self.nudging_sampling else None
             ),
@@ -632,67 +268,49 @@ class NudgedChatModel(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         model = kwargs.get("model")
+        knobs = self._knobs()
         params = LangSmithParams(
             ls_provider="nudging",
-            ls_model_name=_model_label(model if model is not None else self.base_model),
+            ls_model_name=spec_label(model if model is not None else self.base_model),
             ls_model_type="chat",
-            ls_temperature=kwargs.get("temperature", self.temperature),
-            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+            ls_temperature=kwargs.get("temperature", knobs["temperature"]),
+            ls_max_tokens=kwargs.get("max_tokens", knobs["max_tokens"]),
         )
         if stops := self._stops(stop):
             params["ls_stop"] = stops
         return params
 
-    # -- loading ---------------------------------------------------------------------------
+    def _knobs(self) -> dict[str, Any]:
+        """Every knob's value on this model."""
+        return {name: getattr(self, name) for name in KNOBS}
+
+    # -- the pair ----------------------------------------------------------------------------
     def load(self) -> Self:
-        """Load both models now (through the shared registry); returns ``self``."""
-        self._models(self.base_model)
+        """Load both models now (through the factory, which shares them); returns ``self``."""
+        self._text_models(self.base_model)
         return self
 
     def get_engine(self, model: Any = None) -> NudgingEngine:
         """The shared engine serving this model's pair (``model`` overrides the base model);
         loads the models if needed. Its ``live_requests``/``live_sessions`` show work in flight."""
-        return shared_engine(*self._models(model if model is not None else self.base_model))
-
-    def _load_options(self) -> dict[str, Any]:
-        options = {
-            "dtype": self.dtype,
-            "device": self.device,
-            "device_map": self.device_map,
-            "trust_remote_code": self.trust_remote_code,
-            "cache_dir": self.cache_dir,
-        }
-        if self.allow_pickle:
-            options["allow_pickle"] = True
-        return options
-
-    def _cached(self, source: Any) -> LoadedModel | None:
-        if isinstance(source, LoadedModel):
-            return source
-        return self._loaded.get(_source_key(source))
-
-    def _load_one(self, source: Any) -> LoadedModel:
-        loaded = self._cached(source)
-        if loaded is None:
-            with self._load_lock:  # one load per instance at a time; the registry dedupes
-                loaded = self._cached(source) or load_model(source, **self._load_options())
-                self._loaded[_source_key(source)] = loaded
-        return loaded
-
-    def _models(self, base: Any) -> tuple[LoadedModel, LoadedModel]:
-        return self._load_one(base), self._load_one(self.nudging_model)
-
-    async def _amodels(self, base: Any) -> tuple[LoadedModel, LoadedModel]:
-        if self._cached(base) is None or self._cached(self.nudging_model) is None:
-            return await asyncio.to_thread(self._models, base)  # loading never blocks the loop
-        return self._models(base)
+        return shared_engine(*self._text_models(self.base_model if model is None else model))
 
     def get_token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` in the base model's tokenizer (the one usage is counted in)."""
         if self.custom_get_token_ids is not None:
             return self.custom_get_token_ids(text)
-        tokenizer = self._load_one(self.base_model).tokenizer
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._text_models(self.base_model)[0].token_ids(text)
+
+    def _text_models(self, base: Any) -> tuple[TextModel, TextModel]:
+        options = self._load_options()
+        return text_model(base, **options), text_model(self.nudging_model, **options)
+
+    def _load_options(self) -> dict[str, Any]:
+        """The loading fields set to something other than their defaults (the factory's own
+        defaults), so that a pair loaded elsewhere with the same settings is the same pair."""
+        fields = type(self).model_fields
+        values = {name: getattr(self, name) for name in LOAD_FIELDS}
+        return {name: value for name, value in values.items() if value != fields[name].default}
 
     # -- tools and structured output --------------------------------------------------------
     def _resolve_model_profile(self) -> ModelProfile | None:
@@ -770,112 +388,60 @@ class NudgedChatModel(BaseChatModel):
             raise ValueError(f"method={method!r}: expected one of {list(METHODS)}")
         if schema is None:
             raise ValueError("schema: give a pydantic model, a TypedDict or a JSON schema")
-        trace = {"kwargs": {"method": method, "strict": strict}}
+        trace: dict[str, Any] = {"kwargs": {"method": method, "strict": strict}}
         if method == "function_calling":
-            name = schema_name(schema)
             trace["schema"] = convert_to_openai_tool(schema)
-            bound = self.bind_tools([schema], tool_choice=name, ls_structured_output_format=trace)
+            bound = self.bind_tools(
+                [schema], tool_choice=schema_name(schema), ls_structured_output_format=trace
+            )
         else:
             json_schema = convert_to_json_schema(schema)
             trace["schema"] = json_schema
-            if method == "json_mode":
-                # JSON mode with a schema: the schema constrains, the prompt is the user's.
-                response_format = {"type": "json_object", "schema": json_schema}
-                self._output_spec(None, None, response_format)
-                bound = self.bind(
-                    response_format=response_format, ls_structured_output_format=trace
-                )
-            else:
-                response_format = {
+            # JSON mode with a schema: the schema constrains, the prompt is the user's.
+            response_format = (
+                {"type": "json_object", "schema": json_schema}
+                if method == "json_mode"
+                else {
                     "type": "json_schema",
                     "json_schema": {"name": schema_name(schema), "schema": json_schema},
                 }
-                self._output_spec(None, None, response_format)
-                bound = self.bind(
-                    response_format=response_format, ls_structured_output_format=trace
-                )
-        return structured_output(bound, schema, method, include_raw)
+            )
+            self._output_spec(None, None, response_format)
+            bound = self.bind(response_format=response_format, ls_structured_output_format=trace)
+        return parsed_output(bound, schema, method, include_raw)
 
-    # -- one request ---------------------------------------------------------------------------
+    # -- one call ----------------------------------------------------------------------------
     def _convert_input(self, model_input: LanguageModelInput) -> PromptValue:
-        _check_input(model_input)
+        check_input(model_input)
         return super()._convert_input(model_input)
 
-    def _stops(self, stop: list[str] | None) -> list[str]:
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and not isinstance(stop, list | tuple):
-            raise ValueError(f"stop={stop!r}: expected a list of non-empty strings")
-        return list(dict.fromkeys([*(self.stop or []), *(stop or [])]))
+    def _stops(self, stop: Any) -> list[str]:
+        return list(dict.fromkeys([*(self.stop or []), *stop_list(stop)]))
 
-    def _request(
-        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any]
-    ) -> _Request:
-        """Validate everything a call brings, before anything is submitted."""
-        unknown = sorted(set(kwargs) - set(_CALL_OPTIONS) - _IGNORED_CALL_OPTIONS)
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for NudgedChatModel; per-call options are "
-                f"stop, {', '.join(_CALL_OPTIONS)}"
-            )
-        given = {k: v for k, v in kwargs.items() if k in _CALL_OPTIONS and v is not None}
-        try:
-            options = _CallOptions.model_validate(given)
-        except ValidationError as error:
-            raise ValueError(f"invalid option(s): {_short_errors(error)}") from None
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and (
-            not isinstance(stop, list | tuple) or any(not isinstance(s, str) or not s for s in stop)
-        ):
-            raise ValueError(f"stop={stop!r}: stop strings must be non-empty strings")
+    def nudging_config(self, stop: list[str] | None = None, **overrides: Any) -> NudgingConfig:
+        """The :class:`~langchain_nudging.config.NudgingConfig` a call with these ``stop``
+        strings and knob options would use."""
+        knobs = {**self._knobs(), **overrides}
+        return nudging_config(knobs, self._stops(stop), self.nudging_sampling)
+
+    def _call(self, messages: list[BaseMessage], stop: Any, kwargs: dict[str, Any]) -> Call:
+        """Validate everything a call brings, before anything loads or is submitted."""
+        options = call_options(kwargs)
+        stops = self._stops(stop)
         chat = to_chat_messages(messages)
         normalize(chat)  # a conversation the prompts cannot take fails before anything loads
         output = self._output_spec(options.tools, options.tool_choice, options.response_format)
-        return _Request(
+        knobs = options.model_dump(include=set(KNOBS), exclude_none=True)
+        request = Request(
             messages=chat,
-            config=self.nudging_config(stop, **given),
+            config=nudging_config({**self._knobs(), **knobs}, stops, self.nudging_sampling),
             mode=options.mode or self.mode,
             base_format=self._base_format,
-            base=options.model if options.model is not None else self.base_model,
-            timeout=options.timeout if options.timeout is not None else self.timeout,
             output=output,
         )
-
-    def nudging_config(self, stop: list[str] | None = None, **overrides: Any) -> NudgingConfig:
-        """The :class:`NudgingConfig` a call with these ``stop`` strings and options would use."""
-        value = {name: overrides.get(name, getattr(self, name)) for name in _CONFIG_FIELDS}
-        sampling = SamplingConfig(
-            temperature=value["temperature"],
-            top_p=value["top_p"],
-            top_k=value["top_k"],
-            seed=value["seed"],
-        )
-        try:
-            return NudgingConfig(
-                gamma=value["gamma"],
-                draft_tokens=value["draft_tokens"],
-                chunk_tokens=value["chunk_tokens"],
-                max_rounds=value["max_rounds"],
-                max_same_nudges=value["max_same_nudges"],
-                loop_passage_words=value["loop_passage_words"],
-                min_repeat_chars=value["min_repeat_chars"],
-                max_tokens=value["max_tokens"],
-                stop=tuple(self._stops(stop)),
-                base_sampling=sampling,
-                nudging_sampling=self.nudging_sampling or sampling,
-            )
-        except ValidationError as error:
-            raise ValueError(f"invalid option(s): {_short_errors(error)}") from None
-
-    def _submit(
-        self, request: _Request, pair: tuple[LoadedModel, LoadedModel]
-    ) -> tuple[_Answer, RequestHandle]:
-        engine = shared_engine(*pair)
-        handle = engine.submit(
-            request.messages, request.config, request.mode, request.base_format, request.output
-        )
-        return _Answer(request, engine), handle
+        base = options.model if options.model is not None else self.base_model
+        timeout = options.timeout if options.timeout is not None else self.timeout
+        return Call(request, base, timeout)
 
     # -- streaming -------------------------------------------------------------------------
     def _stream(
@@ -887,13 +453,14 @@ class NudgedChatModel(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         # on_llm_new_token is fired by BaseChatModel.stream/_generate_with_cache for each
         # chunk this yields; _generate fires it when LangChain calls that instead.
-        request = self._request(messages, stop, kwargs)
-        pair = self._models(request.base)
-        shared_engine(*pair).pair.prepare(request.output)
-        answer, handle = self._submit(request, pair)
+        call = self._call(messages, stop, kwargs)
+        engine = self.get_engine(call.base)
+        engine.pair.prepare(call.request.output)
+        handle = engine.submit(call.request)
+        answer = Answer(call, engine.pair.nudging.name)
         timer = None
-        if request.timeout is not None:
-            timer = threading.Timer(request.timeout, _expire, (answer, handle))
+        if call.timeout is not None:
+            timer = threading.Timer(call.timeout, answer.expire, (handle,))
             timer.daemon = True
             timer.start()
         events = iter(handle)
@@ -903,7 +470,8 @@ class NudgedChatModel(BaseChatModel):
         finally:  # also on GeneratorExit: the consumer left early
             if timer is not None:
                 timer.cancel()
-            events.close()  # cancels the request if it is still running
+            if isinstance(events, Generator):
+                events.close()  # stops reading now (a later result() may wait for the end)
             if not handle.done:
                 handle.cancel()
 
@@ -914,16 +482,16 @@ class NudgedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        request = self._request(messages, stop, kwargs)
-        pair = await self._amodels(request.base)
-        loaded = shared_engine(*pair).pair
-        if not loaded.prepared(request.output):  # a first constrained request: seconds of work
-            await asyncio.to_thread(loaded.prepare, request.output)
-        answer, handle = self._submit(request, pair)
+        call = self._call(messages, stop, kwargs)
+        engine = await asyncio.to_thread(self.get_engine, call.base)  # a load never blocks
+        pair = engine.pair
+        if not pair.prepared(call.request.output):  # a first constrained request: seconds
+            await asyncio.to_thread(pair.prepare, call.request.output)
+        handle = engine.submit(call.request)
+        answer = Answer(call, pair.nudging.name)
         timer = None
-        if request.timeout is not None:
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(request.timeout, _expire, answer, handle)
+        if call.timeout is not None:
+            timer = asyncio.get_running_loop().call_later(call.timeout, answer.expire, handle)
         events = handle.__aiter__()
         try:
             async for event in events:
@@ -934,7 +502,8 @@ class NudgedChatModel(BaseChatModel):
                 timer.cancel()
             if not handle.done:
                 handle.cancel()  # at once: the request ends within one forward pass
-            await events.aclose()
+            if isinstance(events, AsyncGenerator):
+                await events.aclose()
 
     def _generate(
         self,
@@ -963,31 +532,3 @@ class NudgedChatModel(BaseChatModel):
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             chunks.append(chunk)
         return generate_from_stream(iter(chunks))  # merging chunks: no model work here
-
-
-_CONFIG_FIELDS = (
-    "gamma",
-    "draft_tokens",
-    "chunk_tokens",
-    "max_rounds",
-    "max_same_nudges",
-    "loop_passage_words",
-    "min_repeat_chars",
-    "max_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "seed",
-)
-
-
-def _source_key(source: Any) -> tuple[str, Any]:
-    if isinstance(source, str):
-        return ("path", source)
-    return ("object", id(source[0]) if isinstance(source, tuple) else id(source))
-
-
-def _expire(answer: _Answer, handle: RequestHandle) -> None:
-    if not handle.done:
-        answer.timed_out = True
-        handle.cancel()

@@ -11,10 +11,11 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from operator import itemgetter
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from langchain_core.exceptions import OutputParserException
 from langchain_core.messages import AIMessage, ToolCallChunk
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableMap, RunnablePassthrough
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from langchain_core.utils.pydantic import is_basemodel_subclass
@@ -186,12 +187,12 @@ class ToolCallStream:
             if name is None:
                 return chunks
             self._named = True
-            chunks.append(ToolCallChunk(name=name, args="", id=self.call_id, index=0))
+            chunks.append(tool_call_chunk(name=name, args="", id=self.call_id, index=0))
         body = self.text.strip() if final else self.text.lstrip()
         args = body[arguments_offset(body) :]
         args = args[:-1]  # the answer format's closing brace (held back while streaming)
         if len(args) > self._args_sent:
-            chunks.append(ToolCallChunk(name=None, args=args[self._args_sent :], id=None, index=0))
+            chunks.append(tool_call_chunk(args=args[self._args_sent :], index=0))
             self._args_sent = len(args)
         return chunks
 
@@ -246,7 +247,7 @@ def _parser(schema: Any, method: str) -> Callable[[AIMessage], Any]:
             try:
                 if hasattr(schema, "model_validate"):
                     return schema.model_validate(value)
-                return schema.parse_obj(value)  # pydantic.v1
+                return cast(Any, schema).parse_obj(value)  # pydantic.v1
             except Exception as error:
                 raise OutputParserException(
                     f"the answer does not validate as {schema.__name__}: {error}",

@@ -2,7 +2,7 @@
 pair on the paper's tasks, scored offline, with a report (tables, plots, an HTML page)."""
 
 from .runner import EvalRun, EvalSettings, RunMismatchError, run_eval
-from .scoring import Score, ScoringSetupError, score
+from .scoring import Score, ScoringSetupError
 from .tasks import TASKS, Example, Task, TaskDataError, load_examples, sample
 
 __all__ = [
@@ -18,5 +18,4 @@ __all__ = [
     "load_examples",
     "run_eval",
     "sample",
-    "score",
 ]

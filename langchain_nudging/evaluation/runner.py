@@ -3,38 +3,64 @@
 Results are appended to ``<out>/results/<task>.jsonl`` as each answer is scored, one JSON
 record per (mode, gamma, example), so an interrupted run resumes where it stopped: a rerun
 with the same ``--out`` skips what is already there. ``<out>/run.json`` records what makes
-results comparable (the models, their dtype, the budget, the nudging knobs); a rerun with
-other values is refused rather than mixed in.
+results comparable (the models, their dtype, the algorithm's knobs); a rerun with other values
+is refused rather than mixed in. Answers are read from the engine's events only.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import os
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from ..algorithm import Mode
-from ..config import NudgingConfig
+from ..backends.base import TextModel
+from ..config import ALGORITHM_KNOBS, NudgingConfig
+from ..prompts import ChatMessage
+from ..request import Mode, Request
 from ..serving.engine import NudgingEngine
 from ..serving.generation import NudgingPair
-from ..prompts import ChatMessage
-from .scoring import score
 from .tasks import TASKS, Example, Task, get_task, load_examples, sample
 
 MODES: tuple[Mode, ...] = ("base", "nudging", "nudged")
+#: The algorithm's knobs a run sets once, as NudgingConfig declares them (gamma is swept).
+KNOBS: tuple[str, ...] = tuple(name for name in ALGORITHM_KNOBS if name != "gamma")
+_DEFAULTS = {name: NudgingConfig.model_fields[name].default for name in KNOBS}
 
 
-class EvalSettings(BaseModel):
-    """What to run. Validated at the boundary: each message names the field and its range."""
+def _knob(name: str) -> tuple[Any, FieldInfo]:
+    """A knob's field: its type, range, default and description, as NudgingConfig has them."""
+    info = NudgingConfig.model_fields[name]
+    return info.annotation, copy.copy(info)
+
+
+if TYPE_CHECKING:  # the knobs are read by name (knobs()), so a type checker needs none
+    _Knobs = BaseModel
+else:
+    _Knobs = create_model(
+        "_Knobs",
+        __config__=ConfigDict(frozen=True, extra="forbid"),
+        **{name: _knob(name) for name in KNOBS},
+    )
+
+
+class EvalSettings(_Knobs):
+    """What to run. Validated at the boundary: each message names the field and its range.
+
+    Besides the fields below, every knob of :data:`KNOBS` (``max_tokens``, ``draft_tokens``,
+    ...) is a field with NudgingConfig's default and range; ``max_tokens`` is the budget of
+    each turn.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -47,9 +73,6 @@ class EvalSettings(BaseModel):
     )
     limit: int | None = Field(default=None, ge=1, description="Examples per task (a sample).")
     seed: int = Field(default=0, ge=0, description="Seed of the sample drawn under limit.")
-    max_tokens: int = Field(default=512, ge=1, description="Answer budget per turn.")
-    draft_tokens: int = Field(default=16, ge=1, le=4096)
-    chunk_tokens: int = Field(default=16, ge=1, le=4096)
     concurrency: int = Field(
         default=4, ge=1, le=64, description="Requests in flight at once (batched by the engine)."
     )
@@ -87,13 +110,14 @@ class EvalSettings(BaseModel):
                 cells.append((mode, None))
         return cells
 
+    def knobs(self) -> dict[str, Any]:
+        """Each knob of :data:`KNOBS` and its value."""
+        return {name: getattr(self, name) for name in KNOBS}
+
     def config(self, gamma: float | None) -> NudgingConfig:
-        config = NudgingConfig(
-            max_tokens=self.max_tokens,
-            draft_tokens=self.draft_tokens,
-            chunk_tokens=self.chunk_tokens,
-        )
-        return config if gamma is None else config.model_copy(update={"gamma": gamma})
+        """The config of a cell: the knobs, and the cell's gamma (a nudged row's)."""
+        cell = {} if gamma is None else {"gamma": gamma}
+        return NudgingConfig.model_validate({**self.knobs(), **cell})
 
     def samples(self) -> dict[str, list[Example]]:
         """Each task's sample; a missing or malformed data file raises TaskDataError."""
@@ -112,11 +136,16 @@ def run_identity(pair: NudgingPair, settings: EvalSettings) -> dict[str, Any]:
     return {
         "base": pair.base.name,
         "nudging": pair.nudging.name,
-        "dtype": str(pair.base.model.dtype).removeprefix("torch."),
-        "max_tokens": settings.max_tokens,
-        "draft_tokens": settings.draft_tokens,
-        "chunk_tokens": settings.chunk_tokens,
+        "dtype": _weights_dtype(pair.base),
+        **settings.knobs(),
     }
+
+
+def _weights_dtype(model: TextModel) -> str | None:
+    """The dtype of a model's weights held in this process (``None`` for a backend that holds
+    none here, such as a server)."""
+    loaded = getattr(model, "loaded", None)
+    return None if loaded is None else str(loaded.model.dtype).removeprefix("torch.")
 
 
 def claim_output(out_dir: Path, identity: dict[str, Any]) -> None:
@@ -124,7 +153,8 @@ def claim_output(out_dir: Path, identity: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "run.json"
     if path.is_file():
-        recorded = json.loads(path.read_text(encoding="utf-8"))
+        # A knob a folder does not record was at its default (it was not a setting then).
+        recorded = {**_DEFAULTS, **json.loads(path.read_text(encoding="utf-8"))}
         for key, value in identity.items():
             if recorded.get(key) != value:
                 raise RunMismatchError(
@@ -195,25 +225,25 @@ async def answer(engine: NudgingEngine, job: _Job, config: NudgingConfig) -> dic
     finish_reason = None
     for text in example.turns:
         messages.append(ChatMessage("user", text))
-        handle = engine.submit(messages, config, job.mode, task.base_format)
+        handle = engine.submit(Request(messages, config, job.mode, task.base_format))
         try:
             finished = await handle.aresult()
         finally:
             handle.cancel()  # no-op once finished; frees the request when the wait is cancelled
-        generation, stats = handle.generation, finished.stats
+        stats = finished.stats
         turns.append(
             {
                 "prompt": text,
-                "answer": generation.text,
-                "segments": [{"text": s.text, "source": s.source} for s in generation.segments],
+                "answer": finished.text,
+                "segments": [{"text": s.text, "source": s.source} for s in finished.segments],
             }
         )
         totals["tokens"] += stats.base_tokens + stats.nudge_tokens
         totals["nudge_tokens"] += stats.nudge_tokens
         totals["wall_time"] += stats.wall_time
         finish_reason = stats.finish_reason
-        messages.append(ChatMessage("assistant", generation.text))
-    result = score(task.name, example, turns[-1]["answer"]) if task.scored else None
+        messages.append(ChatMessage("assistant", finished.text))
+    result = task.score(example, turns[-1]["answer"])
     tokens = totals["tokens"]
     return {
         "task": task.name,
@@ -244,7 +274,7 @@ async def _run_jobs(
     jobs: list[_Job],
     stores: dict[str, ResultStore],
     progress: Progress,
-    bars: dict[tuple[str, str, float | None], Any],
+    bars: dict[tuple[str, Mode, float | None], Any],
     failures: list[str],
 ) -> None:
     queue: asyncio.Queue[_Job] = asyncio.Queue()

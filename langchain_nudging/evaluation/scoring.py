@@ -1,4 +1,4 @@
-"""Scoring answers offline.
+"""Scoring answers offline: each task's scorer (tasks.py names it in the task's entry).
 
 IFEval is scored by the checkers shipped in the ``lm-eval`` package (all four of its metrics);
 GSM8K by lm-eval's "flexible-extract" rule (the last number in the answer, exact match); the
@@ -15,12 +15,15 @@ import string
 import sys
 import threading
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..models import cache_dir
-from .tasks import Example
+
+if TYPE_CHECKING:
+    from .tasks import Example
 
 IFEVAL_METRICS = (
     "prompt_level_strict_acc",
@@ -160,56 +163,67 @@ def score_gsm8k(example: Example, answer: str) -> Score:
 
 # -- choice tasks ---------------------------------------------------------------------------------
 _FINAL = re.compile(r"answer\s*(?:is|:)", re.IGNORECASE)
+Options = Callable[["Example"], list[tuple[str, re.Pattern[str]]]]
+"""A choice task's options and the pattern of a mention of each, for one example."""
 
 
-def _option_patterns(example: Example, task: str) -> list[tuple[str, re.Pattern[str]]]:
-    if task == "bigbench-date":
-        return [
-            (option, re.compile(rf"\({string.ascii_uppercase[i]}\)|{re.escape(option)}"))
-            for i, option in enumerate(example.choices)
-        ]
-    if task == "bigbench-sports":
-        return [
-            ("implausible", re.compile(r"\b(?:implausible|not plausible)\b", re.IGNORECASE)),
-            ("plausible", re.compile(r"\bplausible\b", re.IGNORECASE)),
-        ]
+def date_options(example: Example) -> list[tuple[str, re.Pattern[str]]]:
+    """An option of BIG-bench date understanding is mentioned by its letter or its text."""
+    return [
+        (option, re.compile(rf"\({string.ascii_uppercase[i]}\)|{re.escape(option)}"))
+        for i, option in enumerate(example.choices)
+    ]
+
+
+def sports_options(example: Example) -> list[tuple[str, re.Pattern[str]]]:
+    """BIG-bench sports understanding: "implausible" (or "not plausible"), or "plausible"."""
+    return [
+        ("implausible", re.compile(r"\b(?:implausible|not plausible)\b", re.IGNORECASE)),
+        ("plausible", re.compile(r"\bplausible\b", re.IGNORECASE)),
+    ]
+
+
+def word_options(example: Example) -> list[tuple[str, re.Pattern[str]]]:
+    """Each option mentioned as a word, in any case."""
     return [(option, re.compile(rf"\b{option}\b", re.IGNORECASE)) for option in example.choices]
 
 
-def extract_choice(example: Example, task: str, answer: str) -> str | None:
+def extract_choice(
+    example: Example, answer: str, options: Options, verdict_first: bool = False
+) -> str | None:
     """The option the answer settles on.
 
     The text after the last "answer is" / "answer:" is read if there is one. There, and in
     the whole answer otherwise, the option mentioned last wins (the longest mention where
-    two end together, so "not plausible" beats "plausible"); StrategyQA answers usually
-    open with their verdict ("Yes, ..."), so there the first yes or no wins.
+    two end together, so "not plausible" beats "plausible"). With ``verdict_first`` (StrategyQA:
+    answers usually open with their verdict, "Yes, ..."), an answer without such a phrase
+    settles on the option it mentions first.
     """
     finals = list(_FINAL.finditer(answer))
     region = answer[finals[-1].end() :] if finals else answer
     mentions = [
         (match.start(), match.end(), option)
-        for option, pattern in _option_patterns(example, task)
+        for option, pattern in options(example)
         for match in pattern.finditer(region)
     ]
     if not mentions:
         return None
-    if task == "strategyqa" and not finals:
+    if verdict_first and not finals:
         return min(mentions)[2]
     return max(mentions, key=lambda m: (m[1], m[1] - m[0]))[2]
 
 
-def score_choice(example: Example, task: str, answer: str) -> Score:
-    extracted = extract_choice(example, task, answer)
-    right = extracted is not None and extracted.lower() == (example.reference or "").lower()
-    return Score(float(right), {"exact_match": int(right), "extracted": extracted})
+def choice_scorer(options: Options, verdict_first: bool = False) -> Callable[[Example, str], Score]:
+    """The scorer of a choice task: exact match of :func:`extract_choice` with the gold."""
+
+    def score_choice(example: Example, answer: str) -> Score:
+        extracted = extract_choice(example, answer, options, verdict_first)
+        right = extracted is not None and extracted.lower() == (example.reference or "").lower()
+        return Score(float(right), {"exact_match": int(right), "extracted": extracted})
+
+    return score_choice
 
 
-def score(task: str, example: Example, answer: str) -> Score | None:
-    """The answer's score, or None for tasks that need an external judge."""
-    if task == "ifeval":
-        return score_ifeval(example, answer)
-    if task == "gsm8k":
-        return score_gsm8k(example, answer)
-    if task in ("bigbench-date", "bigbench-sports", "strategyqa"):
-        return score_choice(example, task, answer)
-    return None
+score_date = choice_scorer(date_options)
+score_sports = choice_scorer(sports_options)
+score_strategyqa = choice_scorer(word_options, verdict_first=True)

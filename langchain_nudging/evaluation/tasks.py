@@ -1,4 +1,6 @@
-"""Evaluation tasks: where each task's data lives, how an example is asked, what the gold is.
+"""Evaluation tasks: where each task's data lives, how an example is asked, what the gold is,
+how an answer is scored and what the reports call the task. A new task is one :class:`Task`
+entry in :data:`TASKS` (docs/evaluation.md).
 
 Prompts follow the nudging paper (arXiv 2410.09300): reasoning tasks get the system prompt
 "Answer the question by walking through the reasoning steps." and the question prefix
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..prompts import BasePromptFormat
+from .scoring import Score, score_date, score_gsm8k, score_ifeval, score_sports, score_strategyqa
 
 REASONING_SYSTEM = "Answer the question by walking through the reasoning steps."
 OPEN_SYSTEM = "You are a helpful assistant."
@@ -51,12 +54,23 @@ class HubSource:
 
 @dataclass(frozen=True)
 class Task:
+    """One task: its data, its prompts, its scorer."""
+
     name: str
+    title: str  # as the reports' tables and charts show it
     kind: Literal["reasoning", "open"]
     file: str  # the file's path under the data folder
     hub: HubSource
     parse: Callable[[list[dict[str, Any]]], list[Example]]
-    scored: bool  # False: answers are written for an external judge
+    scorer: Callable[[Example, str], Score] | None  # None: answers go to an external judge
+
+    @property
+    def scored(self) -> bool:
+        return self.scorer is not None
+
+    def score(self, example: Example, answer: str) -> Score | None:
+        """The answer's score, or ``None`` for a task that needs an external judge."""
+        return None if self.scorer is None else self.scorer(example, answer)
 
     @property
     def system(self) -> str:
@@ -193,59 +207,66 @@ TASKS: dict[str, Task] = {
     for task in (
         Task(
             "ifeval",
+            "IFEval",
             "open",
             "ifeval_input_data.jsonl",
             HubSource("google/IFEval", None, "train"),
             _ifeval,
-            scored=True,
+            score_ifeval,
         ),
         Task(
             "gsm8k",
+            "GSM8K",
             "reasoning",
             "gsm8k_test.jsonl",
             HubSource("openai/gsm8k", "main", "test"),
             _gsm8k,
-            scored=True,
+            score_gsm8k,
         ),
         Task(
             "bigbench-date",
+            "BB Date",
             "reasoning",
             "bigbench/date_understanding.json",
             HubSource(_BIGBENCH, "date_understanding", "train"),
             _date,
-            scored=True,
+            score_date,
         ),
         Task(
             "bigbench-sports",
+            "BB Sports",
             "reasoning",
             "bigbench/sports_understanding.json",
             HubSource(_BIGBENCH, "sports_understanding", "train"),
             _sports,
-            scored=True,
+            score_sports,
         ),
         Task(
             "strategyqa",
+            "StrategyQA",
             "reasoning",
             "bigbench/strategyqa.json",
             HubSource(_BIGBENCH, "strategyqa", "train"),
             _strategyqa,
-            scored=True,
+            score_strategyqa,
         ),
         Task(
             "just-eval",
+            "Just-Eval",
             "open",
             "just_eval_instruct_1000.jsonl",
             HubSource("re-align/just-eval-instruct", None, "test"),
             _just_eval,
-            scored=False,
+            None,
         ),
         Task(
             "mt-bench",
+            "MT-Bench",
             "open",
             "mt_bench_question.jsonl",
             HubSource("HuggingFaceH4/mt_bench_prompts", None, "train"),
             _mt_bench,
-            scored=False,
+            None,
         ),
     )
 }

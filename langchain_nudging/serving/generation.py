@@ -1,21 +1,23 @@
-"""A loaded base/nudging pair answering one conversation at a time, as a stream of segments.
+"""A base/nudging pair of text models answering one request at a time, as a stream of segments.
 
-This is the synchronous core that the engine runs in one thread per request.
+This is the synchronous core that the engine runs in one thread per request. The two models
+may come from any backends (backends/registry.py builds them from specs); only the protocol of
+backends/base.py is used.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..algorithm import Mode, NudgingRun, RoundTrace, Segment, SoloRun
-from ..backends.local import LocalModel, LocalSession
+from ..algorithm import NudgingRun, RoundTrace, Segment, SoloRun
+from ..backends.base import RUN_ALONE, Scheduler, TextModel, TextSession
+from ..backends.registry import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, text_model
 from ..config import NudgingConfig
-from ..models import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, LoadedModel, load_model
-from ..prompts import BasePromptFormat, ChatMessage, render_prompts
+from ..prompts import BasePromptFormat, render_prompts
+from ..request import Request
 from ..structured import OutputSpec
 
 
@@ -51,51 +53,61 @@ class GenerationStats:
         return {**asdict(self), "nudged_share": round(self.nudged_share, 4)}
 
 
-_NEVER = 1 << 30
-
-
 def _rules_for(output: OutputSpec, config: NudgingConfig) -> NudgingConfig:
     """A repetition stop would end a JSON-only answer inside its JSON; loops inside strings
     are bounded by the grammar (max_string_length) and the budget instead."""
     if not output.json_only:
         return config
-    return config.model_copy(update={"min_repeat_chars": _NEVER, "max_same_nudges": _NEVER})
+    return config.model_copy(update={"repetition_stops": False})
+
+
+def _check_capabilities(used: dict[str, TextModel], output: OutputSpec) -> None:
+    """Refuse what a model's backend cannot do, before anything runs."""
+    if output.decides_call:
+        decider = used.get("nudging") or used["base"]
+        if not decider.capabilities.grammar_mass:
+            raise ValueError(
+                f"tool_call_threshold: {decider.name} cannot measure the probability mass a "
+                "grammar allows (its backend gives no full next-token distribution); leave "
+                "tool_call_threshold unset to let the models' first tokens decide"
+            )
+    if output.constrained:
+        for model in used.values():
+            if not model.capabilities.grammars:
+                raise ValueError(
+                    f"{model.name} cannot constrain its answer by a grammar (its backend has "
+                    "none): tools, a JSON schema and JSON mode need one"
+                )
 
 
 class Generation:
     """One streamed answer: iterate for segments, then read ``text`` and ``stats``."""
 
-    def __init__(
-        self,
-        pair: NudgingPair,
-        messages: Sequence[ChatMessage],
-        config: NudgingConfig,
-        mode: Mode = "nudged",
-        base_format: BasePromptFormat | None = None,
-        output: OutputSpec | None = None,
-    ) -> None:
-        if mode not in ("nudged", "base", "nudging"):
-            raise ValueError(f"mode: {mode!r} is not one of 'nudged', 'base', 'nudging'")
-        self.mode = mode
-        self.output = output or OutputSpec()
-        prompts = render_prompts(
-            messages, pair.nudging.text.tokenizer, base_format or pair.base_format, self.output
-        )
-        self.config = _rules_for(self.output, config)
+    def __init__(self, pair: NudgingPair, request: Request, scheduler: Scheduler) -> None:
+        self.request = request
+        used = {"base": pair.base, "nudging": pair.nudging}
+        if request.mode != "nudged":
+            del used["nudging" if request.mode == "base" else "base"]
+        _check_capabilities(used, request.output)
+        fmt = request.base_format or pair.base_format
+        prompts = render_prompts(request.messages, pair.nudging.chat_template, fmt, request.output)
+        self.config = _rules_for(request.output, request.config)
         #: The base transcript's turn markers: they end the answer only where the base model
         #: starts a new turn (docs/algorithm.md rule 8).
         self.markers = prompts.stop
         self.prompts = prompts
         self._pair = pair
+        self._used = used
+        self._scheduler = scheduler
         self.segments: list[Segment] = []
         self.trace: list[RoundTrace] = []  # a nudged answer's rounds, as they are decided
         self._started = False
         self._answer = ""
         self._answer_tokens = 0
-        self._counter = pair.base.text.counter()
+        self._counter = pair.base.counter()
         # Both prompts must fit their context windows: raise before anything runs.
-        prompt_tokens = len(pair.base.text.encode(prompts.base))
-        pair.nudging.text.encode(prompts.nudging)
+        prompt_tokens = pair.base.prompt_tokens(prompts.base)
+        pair.nudging.prompt_tokens(prompts.nudging)
         self.stats = GenerationStats(prompt_tokens=prompt_tokens)
 
     @property
@@ -106,28 +118,31 @@ class Generation:
         if self._started:
             raise RuntimeError("a Generation can be iterated only once")
         self._started = True
-        pair, stats = self._pair, self.stats
+        stats, mode, output = self.stats, self.request.mode, self.request.output
         start = time.perf_counter()
         config, prompts = self.config, self.prompts
         # The statistics' counter also counts for a solo run's writer: one incremental count.
-        count, truncate = self._counter.count, pair.base.text.truncate
-        sessions: dict[str, LocalSession] = {}
+        count, truncate = self._counter.count, self._pair.base.truncate_tokens
+        sessions: dict[str, TextSession] = {}
         run: NudgingRun | SoloRun | None = None
         try:
-            deciding = self.output.decides_call
-            grammar = None if deciding else self.output.grammar
-            if self.mode != "nudging":
-                sessions["base"] = pair.base.session(prompts.base, config.base_sampling, grammar)
-            if self.mode != "base":
-                sessions["nudging"] = pair.nudging.session(
-                    prompts.nudging, config.nudging_sampling, grammar
+            deciding = output.decides_call
+            grammar = None if deciding else output.grammar
+            reads = {
+                "base": (prompts.base, config.base_sampling),
+                "nudging": (prompts.nudging, config.nudging_sampling),
+            }
+            for role, model in self._used.items():
+                prompt, sampling = reads[role]
+                sessions[role] = model.session(
+                    prompt, sampling, grammar=grammar, scheduler=self._scheduler
                 )
             if deciding:
                 config = self.config = _rules_for(self._decide_call(sessions), config)
-            if self.mode == "nudged":
+            if mode == "nudged":
                 run = NudgingRun(sessions["base"], sessions["nudging"], config, self.markers)
                 self.trace = run.trace
-            elif self.mode == "base":
+            elif mode == "base":
                 run = SoloRun(sessions["base"], config, "base", count, truncate, self.markers)
             else:
                 run = SoloRun(sessions["nudging"], config, "nudge", count, truncate)
@@ -141,19 +156,20 @@ class Generation:
             if run is not None:
                 stats.finish_reason = run.finish_reason
                 stats.rounds = run.rounds
-            stats.forward_passes = {k: v.forward_passes for k, v in sessions.items()}
-            stats.tokens_processed = {k: v.tokens_processed for k, v in sessions.items()}
-            stats.choices_reused = {k: v.choices_reused for k, v in sessions.items()}
-            stats.grammar_masks = {k: v.grammar_masks for k, v in sessions.items()}
+            costs = {role: session.stats() for role, session in sessions.items()}
+            stats.forward_passes = {k: v.forward_passes for k, v in costs.items()}
+            stats.tokens_processed = {k: v.tokens_processed for k, v in costs.items()}
+            stats.choices_reused = {k: v.choices_reused for k, v in costs.items()}
+            stats.grammar_masks = {k: v.grammar_masks for k, v in costs.items()}
             stats.wall_time = time.perf_counter() - start
             for session in sessions.values():
                 session.close()
 
-    def _decide_call(self, sessions: dict[str, LocalSession]) -> OutputSpec:
+    def _decide_call(self, sessions: dict[str, TextSession]) -> OutputSpec:
         """``call_threshold``: the nudging model (the base model alone in "base" mode) says
         whether this answer is a tool call; every session is then constrained accordingly."""
         decider = sessions.get("nudging") or sessions["base"]
-        spec = self.output
+        spec = self.request.output
         mass = decider.allowed_mass("", spec.call_grammar)
         assert spec.call_threshold is not None
         self.stats.call_probability = mass
@@ -179,62 +195,53 @@ class Generation:
 
 
 class NudgingPair:
-    """A base model and a nudging model, loaded, ready to answer."""
+    """A base model and a nudging model (text models of any backends), ready to answer."""
 
     def __init__(
         self,
-        base: LoadedModel,
-        nudging: LoadedModel,
+        base: TextModel,
+        nudging: TextModel,
         base_format: BasePromptFormat | None = None,
     ) -> None:
-        self.base = LocalModel(base)
-        self.nudging = LocalModel(nudging)
+        self.base = base
+        self.nudging = nudging
         self.base_format = base_format or BasePromptFormat()
 
     @classmethod
     def load(
         cls,
-        base: str | os.PathLike | LoadedModel = BUNDLED_BASE_ID,
-        nudging: str | os.PathLike | LoadedModel = BUNDLED_NUDGING_ID,
+        base: Any = BUNDLED_BASE_ID,
+        nudging: Any = BUNDLED_NUDGING_ID,
         *,
         base_format: BasePromptFormat | None = None,
         **options: Any,
     ) -> NudgingPair:
-        """Load (or reuse from the registry) both models; ``options`` go to ``load_model``."""
-        return cls(load_model(base, **options), load_model(nudging, **options), base_format)
+        """Both models from their specs (backends/registry.py's :func:`text_model`, which
+        shares a model already built); ``options`` go to the backends (transformers:
+        ``load_model``'s keywords)."""
+        return cls(text_model(base, **options), text_model(nudging, **options), base_format)
 
-    def generate(
-        self,
-        messages: Sequence[ChatMessage],
-        config: NudgingConfig | None = None,
-        mode: Mode = "nudged",
-        base_format: BasePromptFormat | None = None,
-        output: OutputSpec | None = None,
-    ) -> Generation:
-        """Prepare an answer; nothing runs until the result is iterated.
+    def generate(self, request: Request, scheduler: Scheduler = RUN_ALONE) -> Generation:
+        """Prepare an answer to ``request``; nothing runs until the result is iterated.
 
-        ``mode`` is ``"nudged"``, or a baseline with the same prompts and stop rules:
-        ``"base"`` (the base model alone) or ``"nudging"`` (the nudging model alone).
-        ``base_format`` overrides the pair's base transcript format for this request.
-        ``output`` says what the answer must be (tools, a JSON schema): both models' choices
-        are then constrained by its grammar.
-        Bad input (an empty conversation, a prompt beyond a context window) raises here.
+        The sessions' model work goes through ``scheduler`` (an engine's, or at once alone).
+        Bad input (an empty conversation, a prompt beyond a context window, an option a
+        model's backend cannot serve) raises here.
         """
-        return Generation(self, messages, config or NudgingConfig(), mode, base_format, output)
+        return Generation(self, request, scheduler)
 
     def prepare(self, output: OutputSpec | None) -> None:
         """Build now what requests with ``output`` need, so that it is not built on the
         engine's worker (llguidance's view of each tokenizer: about 5 s for a 262k vocabulary,
         once per process)."""
-        if output is not None and output.constrained:
-            for model in (self.base, self.nudging):
-                model.grammar.build()
+        grammars = output is not None and output.constrained
+        for model in (self.base, self.nudging):
+            model.prepare(grammars)
 
     def prepared(self, output: OutputSpec | None) -> bool:
         """Whether requests with ``output`` need nothing more built (see :meth:`prepare`)."""
-        if output is None or not output.constrained:
-            return True
-        return self.base.grammar.built and self.nudging.grammar.built
+        grammars = output is not None and output.constrained
+        return self.base.prepared(grammars) and self.nudging.prepared(grammars)
 
     @property
     def live_sessions(self) -> int:

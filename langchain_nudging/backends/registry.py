@@ -1,0 +1,187 @@
+"""One factory for every backend: a model spec becomes a :class:`~.base.TextModel`.
+
+A spec is a bundled id, a Hugging Face Hub id, a model folder, a ``.gguf`` file, a
+``LoadedModel``, a ``(model, tokenizer)`` tuple, or an object that already is a text model
+(returned as it is). Each backend says which specs it claims; backends registered later are
+asked first, and transformers in this process (:class:`~.local.LocalModel` over
+:func:`~langchain_nudging.models.load_model`) takes every spec no other backend claims. A new
+backend is one module that calls :func:`register_backend` once (docs/architecture.md).
+
+The same spec with the same options gives the same text model while it is in use, so that
+everything asking for one model (pairs, shared engines, chat models) shares it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+from typing_extensions import get_protocol_members
+
+from ..models import (
+    BUNDLED_BASE_ID,
+    BUNDLED_NUDGING_ID,
+    LoadedModel,
+    ModelLoadError,
+    check_source,
+    load_model,
+)
+from .base import TextModel
+from .local import LocalModel
+
+__all__ = [
+    "BUNDLED_BASE_ID",
+    "BUNDLED_NUDGING_ID",
+    "check_spec",
+    "register_backend",
+    "spec_label",
+    "text_model",
+]
+
+
+@dataclass(frozen=True)
+class _Backend:
+    name: str
+    claims: Callable[[Any], bool]
+    build: Callable[..., TextModel]
+
+
+_FALLBACK = "transformers"
+_BACKENDS: tuple[_Backend, ...] = ()  # the order they are asked in: the latest first
+_LOCK = threading.Lock()
+_MODELS: weakref.WeakValueDictionary[Hashable, TextModel] = weakref.WeakValueDictionary()
+_BUILDING: dict[Hashable, threading.Lock] = {}
+_MEMBERS = frozenset(get_protocol_members(TextModel))
+
+
+def register_backend(
+    name: str, claims: Callable[[Any], bool], build: Callable[..., TextModel]
+) -> None:
+    """Add a backend, asked before every backend registered earlier.
+
+    ``claims(spec)`` says whether the backend serves ``spec``; ``build(spec, **options)`` makes
+    its text model (which must take weak references, as instances of plain classes do).
+    Registering a name again replaces that backend.
+    """
+    global _BACKENDS
+    with _LOCK:
+        _BACKENDS = (_Backend(name, claims, build), *(b for b in _BACKENDS if b.name != name))
+
+
+def text_model(spec: Any, **options: Any) -> TextModel:
+    """The text model of ``spec``, built by the first backend that claims it.
+
+    ``options`` go to the backend (transformers: :func:`~langchain_nudging.models.load_model`'s
+    keywords). Building happens once per spec and options while the result is in use; a spec
+    that cannot be served raises the backend's error (``ModelLoadError`` for transformers).
+    """
+    if _is_text_model(spec):
+        return spec
+    backend = next(b for b in _BACKENDS if b.claims(spec))
+    key = (backend.name, _spec_key(spec), _frozen(options))
+    return _once(key, lambda: backend.build(spec, **options))
+
+
+def check_spec(value: Any, field: str, *, deep: bool = False) -> Any:
+    """``value`` if it can be a model spec, checked without loading anything; else a
+    ``ValueError`` naming ``field``.
+
+    A text model, a spec another backend claims, a ``LoadedModel`` and a ``(model, tokenizer)``
+    tuple pass as they are; a path is returned as a string. Without ``deep`` a string is only
+    checked for its shape (no disk, no network: a constructor can afford it). With ``deep`` it
+    is checked as loading would check it (:func:`~langchain_nudging.models.check_source`: the
+    path exists and holds a model or a GGUF file, the weights are not pickles, a Hub id is in the
+    cache or the Hub is reachable), raising ``ModelLoadError``.
+    """
+    if _is_text_model(value) or any(b.claims(value) for b in _BACKENDS if b.name != _FALLBACK):
+        return value
+    if isinstance(value, LoadedModel) or (isinstance(value, tuple) and len(value) == 2):
+        return value
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if deep and isinstance(value, str):
+        try:
+            check_source(value)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{field}: {exc}") from None
+        return value
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(
+            f"{field}: expected a bundled id, a Hugging Face Hub id, a model folder, a .gguf "
+            f"file, a LoadedModel or a (model, tokenizer) tuple, got {value!r}"
+        )
+    bundled = (BUNDLED_BASE_ID, BUNDLED_NUDGING_ID)
+    if value.startswith("bundled:") and value not in bundled:
+        raise ValueError(f"{field}: unknown bundled model {value!r}; use one of {bundled}")
+    return value
+
+
+def spec_label(value: Any) -> str:
+    """A short name of a spec for metadata: a path or id as given, a model's own name,
+    ``"custom"`` for a ``(model, tokenizer)`` tuple, else the type's name."""
+    if isinstance(value, str | os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, tuple):
+        return "custom"
+    if isinstance(value, LoadedModel) or _is_text_model(value):
+        return value.name
+    return type(value).__name__  # not a spec: validation reports it
+
+
+def _is_text_model(value: object) -> TypeGuard[TextModel]:
+    return all(hasattr(value, member) for member in _MEMBERS)
+
+
+def _spec_key(spec: Any) -> Hashable:
+    """What identifies a spec: a path or id by its text, an object by its identity (the text
+    model built from it holds it, so the identity is not reused while the entry lives)."""
+    if isinstance(spec, str | os.PathLike):
+        return ("text", os.fspath(spec))
+    if isinstance(spec, tuple):
+        return ("tuple", *map(id, spec))
+    return ("object", id(spec))
+
+
+def _frozen(value: Any) -> Hashable:
+    """Options as a hashable value (a device map is a dict)."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), _frozen(v)) for k, v in value.items())))
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    if isinstance(value, os.PathLike):
+        path: Hashable = os.fspath(value)
+        return path
+    return value  # type: ignore[no-any-return]
+
+
+def _once(key: Hashable, build: Callable[[], TextModel]) -> TextModel:
+    """The live model under ``key``, else ``build()``'s, built once even when threads ask at
+    the same time (other keys build in parallel)."""
+    with _LOCK:
+        model = _MODELS.get(key)
+        if model is not None:
+            return model
+        building = _BUILDING.setdefault(key, threading.Lock())
+    with building:
+        with _LOCK:
+            model = _MODELS.get(key)
+        if model is None:
+            model = build()
+            with _LOCK:
+                _MODELS[key] = model
+                _BUILDING.pop(key, None)
+    return model
+
+
+def _transformers(spec: Any, **options: Any) -> TextModel:
+    """A :class:`~.local.LocalModel` per loaded model (specs loading the same weights with
+    equivalent settings share it)."""
+    loaded = load_model(spec, **options)
+    return _once(("loaded", id(loaded)), lambda: LocalModel(loaded))
+
+
+register_backend(_FALLBACK, lambda spec: True, _transformers)
