@@ -7,7 +7,7 @@ For each client count ``c``, the first ``c`` prompts run (a) one after another a
 concurrent ``astream`` calls on one ``NudgedChatModel`` (the pair's shared engine). Reported:
 aggregate answer tokens per second, the concurrent / sequential throughput ratio, each
 request's time to first streamed text (p50, p95) and the p50 / p95 gap between streamed chunks
-(a chunk is a segment: one or more tokens). Also measured in the same process:
+(a chunk: one piece of streamed text). Also measured in the same process:
 
 - the ideal: the pure batched-decode gain of each model, ``8 x (one batch-1 step) / (one batch-8
   step)`` for a one-token step on a cache of 256 tokens, and the same for a 64-id pass over an
@@ -27,6 +27,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,11 +35,11 @@ from rich.console import Console
 from rich.table import Table
 from transformers import DynamicCache
 
-from langchain_nudging import ChatMessage, NudgedChatModel, NudgingConfig, NudgingPair
+from langchain_nudging import ChatMessage, NudgedChatModel, NudgingConfig, NudgingPair, Request
 from langchain_nudging.backends.local import LocalModel, Step, forward_together
 from langchain_nudging.config import SamplingConfig
 
-from .measure import PassLog, load_prompts, pair_run_options
+from .measure import PassLog, load_prompts, local, pair_run_options
 
 IDEAL_BATCH = 8
 FILLER_ID = 1000  # any id both vocabularies have: pass cost does not depend on it
@@ -142,11 +143,11 @@ def first_round_cost(pair: NudgingPair, prompts: list[str], draft_tokens: int) -
     model reads each prompt with the draft, asked at each position. The first text is the
     first round's accepted words, so the last request's first text comes after all of this.
     Prompts are read all batched or one by one, whichever is faster here."""
-    rendered = [pair.generate([ChatMessage("user", p)]).prompts for p in prompts]
+    rendered = [pair.generate(Request([ChatMessage("user", p)])).prompts for p in prompts]
     total = 0.0
     for model, texts, draft, steps in (
-        (pair.nudging, [r.nudging for r in rendered], 0, draft_tokens - 1),
-        (pair.base, [r.base for r in rendered], draft_tokens, 0),
+        (local(pair.nudging), [r.nudging for r in rendered], 0, draft_tokens - 1),
+        (local(pair.base), [r.base for r in rendered], draft_tokens, 0),
     ):
         read, after = run_passes(model, texts, draft, steps, together=True)
         alone, _ = run_passes(model, texts, draft, 0, together=False)
@@ -156,7 +157,7 @@ def first_round_cost(pair: NudgingPair, prompts: list[str], draft_tokens: int) -
 
 @torch.inference_mode()
 def run_passes(
-    model: LocalModel, texts: list[str], draft: int, steps: int, together: bool
+    model: LocalModel, texts: Sequence[str], draft: int, steps: int, together: bool
 ) -> tuple[float, float]:
     """Seconds to read each text followed by ``draft`` ids (logits at each of those) in fresh
     sessions, then seconds for ``steps`` one-token steps of every session; batched, or one
@@ -172,9 +173,9 @@ def run_passes(
     reads = []
     for session, text in zip(sessions, texts, strict=True):
         ids = model.text.encode(text) + [FILLER_ID] * draft
-        reads.append(Step(session, ids, list(range(len(ids) - 1 - draft, len(ids)))))
+        reads.append(Step(session.kv, ids, list(range(len(ids) - 1 - draft, len(ids)))))
     read = run(reads)
-    after = sum(run([Step(s, [FILLER_ID], [0]) for s in sessions]) for _ in range(steps))
+    after = sum(run([Step(s.kv, [FILLER_ID], [0]) for s in sessions]) for _ in range(steps))
     for session in sessions:
         session.close()
     return read, after
@@ -210,11 +211,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = NudgedChatModel(max_tokens=args.max_tokens, dtype="float32", device="cpu")
     prompts = load_prompts(args.data, max(args.clients))
     asyncio.run(sequential(model, ["Hi"]))  # warm-up
+    models = (local(pair.base), local(pair.nudging))
     gains = {
         lm.name: {"decode": batched_gain(lm, width=1, past=256), "prompt": batched_gain(lm, 64, 0)}
-        for lm in (pair.base, pair.nudging)
+        for lm in models
     }
-    log = PassLog({lm.name: lm.model for lm in (pair.base, pair.nudging)})
+    log = PassLog({lm.name: lm.model for lm in models})
     rows: dict[str, Any] = {}
     table = Table(title=f"Concurrent astream clients, {args.max_tokens} tokens each")
     for column in (

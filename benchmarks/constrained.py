@@ -29,7 +29,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
+from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair, Request
 from langchain_nudging.backends import grammar as grammar_module
 from langchain_nudging.structured import OutputSpec, ToolSpec
 
@@ -70,8 +70,8 @@ class AnyText(OutputSpec):
         return llguidance.LLMatcher.grammar_from_lark("start: /[\\s\\S]*/\n")
 
 
-SPECS: dict[str, OutputSpec | None] = {
-    "none": None,
+SPECS: dict[str, OutputSpec] = {
+    "none": OutputSpec(),
     "any text": AnyText(),
     "json schema": OutputSpec(schema=SCHEMA, max_string_length=120),
     "tool call": OutputSpec(TOOLS, "required", max_string_length=120),
@@ -101,12 +101,13 @@ class MaskClock:
 
 
 def run(
-    pair: NudgingPair, prompt: str, spec: OutputSpec | None, max_tokens: int, clock: MaskClock
+    pair: NudgingPair, prompt: str, spec: OutputSpec, max_tokens: int, clock: MaskClock
 ) -> dict[str, Any]:
     clock.take()
-    generation = pair.generate(
+    request = Request(
         [ChatMessage("user", prompt)], NudgingConfig(max_tokens=max_tokens), output=spec
     )
+    generation = pair.generate(request)
     start = time.perf_counter()
     list(generation)
     wall = time.perf_counter() - start
@@ -114,7 +115,7 @@ def run(
     tokens = max(1, stats.base_tokens + stats.nudge_tokens)
     masks = sum(stats.grammar_masks.values())
     valid = None
-    if spec is not None and spec.constrained:
+    if spec.constrained:
         try:
             spec.parse(generation.text)
             valid = True
@@ -142,11 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     build = {}
     for name, model in (("base", pair.base), ("nudging", pair.nudging)):
         start = time.perf_counter()
-        _ = model.grammar.tokenizer
+        model.prepare(grammars=True)
         build[name] = round(time.perf_counter() - start, 2)
     clock = MaskClock()
     prompts = load_prompts(args.data, args.prompts)
-    run(pair, "Hi", None, 4, clock)  # warm-up
+    run(pair, "Hi", SPECS["none"], 4, clock)  # warm-up
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in SPECS}
     for prompt in prompts:
         for name, spec in SPECS.items():
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "masks_per_token": round(statistics.median(r["masks_per_token"] for r in rows), 2),
             "mask_share": round(statistics.median(r["mask_share"] for r in rows), 4),
             "complete": f"{sum(bool(r['complete']) for r in rows)}/{len(rows)}"
-            if SPECS[name] is not None and SPECS[name].constrained
+            if SPECS[name].constrained
             else "-",
         }
         summary["runs"][name] = entry

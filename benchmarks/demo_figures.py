@@ -23,6 +23,7 @@ from langchain_nudging import (
     ChatMessage,
     NudgingConfig,
     NudgingPair,
+    Request,
 )
 from langchain_nudging.models import bundled_model_dir, load_model
 
@@ -55,11 +56,12 @@ def main() -> None:
         figures[f"load_s[{name}]"] = round(time.perf_counter() - start, 2)
     pair = NudgingPair.load(dtype="float32", device="cpu", progress=False)
     config = NudgingConfig(max_tokens=args.max_tokens)
-    list(pair.generate([ChatMessage("user", "Hi")], NudgingConfig(max_tokens=4)))  # warm-up
+    warm_up = Request([ChatMessage("user", "Hi")], NudgingConfig(max_tokens=4))
+    list(pair.generate(warm_up))
 
     rows = []
     for question in QUESTIONS:
-        generation = pair.generate([ChatMessage("user", question)], config)
+        generation = pair.generate(Request([ChatMessage("user", question)], config))
         for _ in generation:
             pass
         stats = generation.stats

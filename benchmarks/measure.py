@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache, GenerationConfig
 
-from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
-from langchain_nudging.backends.base import Token
+from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair, Request
+from langchain_nudging.backends.base import TextModel, Token
 from langchain_nudging.backends.local import LocalModel
 from langchain_nudging.reference import ReferenceModel, reference_nudge
 
@@ -51,6 +51,13 @@ def load_prompts(data_dir: Path, count: int) -> list[str]:
     questions = first("gsm8k_test.jsonl", "question", count // 2)
     mixed = [p for pair in zip(instructions, questions, strict=False) for p in pair]
     return mixed + instructions[len(questions) :]
+
+
+def local(model: TextModel) -> LocalModel:
+    """The transformers model behind a pair's text model: what these benchmarks time."""
+    if not isinstance(model, LocalModel):
+        raise TypeError(f"{model.name} is not a transformers model in this process")
+    return model
 
 
 def sync(device: torch.device) -> None:
@@ -177,8 +184,9 @@ def timed(run: Callable[[], Row], device: torch.device, log: PassLog) -> Row:
 @torch.inference_mode()
 def base_alone(pair: NudgingPair, messages: list[ChatMessage], max_tokens: int) -> Row:
     """The floor: transformers ``generate`` on the engine's own base prompt, exactly N tokens."""
-    prompt = pair.generate(messages).prompts.base
-    model, text = pair.base.model, pair.base.text
+    prompt = pair.generate(Request(messages)).prompts.base
+    base = local(pair.base)
+    model, text = base.model, base.text
     ids = torch.tensor([text.encode(prompt)], device=model.device)
     eos = sorted(text.stop_ids)
     config = GenerationConfig(
@@ -216,12 +224,14 @@ def engine(
     *,
     one_by_one: bool = False,
 ) -> Row:
-    """The nudged answer through the cached sessions, as the engine's worker runs it."""
+    """The nudged answer through the cached sessions, as the engine runs a request alone."""
     opened = pair.base.session
     if one_by_one:
-        pair.base.session = lambda *args: OneByOne(opened(*args))  # type: ignore[method-assign]
+        pair.base.session = lambda *args, **kwargs: OneByOne(  # type: ignore[method-assign]
+            opened(*args, **kwargs)
+        )
     try:
-        generation = pair.generate(messages, config)
+        generation = pair.generate(Request(messages, config))
         for _ in generation:
             pass
     finally:
@@ -245,13 +255,13 @@ def oracle(
     config: NudgingConfig,
 ) -> Row:
     """The uncached oracle on the engine's own prompts and stop strings."""
-    generation = pair.generate(messages, config)
+    generation = pair.generate(Request(messages, config))
     prompts = generation.prompts
     run = reference_nudge(
         *refs, prompts.base, prompts.nudging, generation.config, generation.markers
     )
     return {
-        "tokens": pair.base.text.count(run.text),
+        "tokens": len(pair.base.token_ids(run.text)),
         "rounds": run.rounds,
         "finish": run.finish_reason,
         "text": run.text,
@@ -260,7 +270,7 @@ def oracle(
 
 def required_cost(pair: NudgingPair, row: Row) -> Row:
     """Replay a run's passes in isolation: the required cost and what it says of the run."""
-    models = {"base": pair.base, "nudging": pair.nudging}
+    models = {"base": local(pair.base), "nudging": local(pair.nudging)}
     cost: Row = {}
     for name, passes in row["passes"].items():
         seconds = replay(models[name], passes)

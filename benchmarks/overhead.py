@@ -25,7 +25,8 @@ from typing import Any
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair
+from langchain_nudging import ChatMessage, NudgingConfig, NudgingPair, Request
+from langchain_nudging.backends.local import LocalModel
 from langchain_nudging.models import LoadedModel, load_model
 
 from .measure import DATA_DIR
@@ -103,9 +104,10 @@ def main() -> None:
         load_model("bundled:smollm2-135m-instruct"),
     )
     base, nudging = tiny(real_base, "gemma", 0), tiny(real_nudging, "llama", 1)
-    pair = NudgingPair(base, nudging)
-    for model, owner in ((base.model, pair.base), (nudging.model, pair.nudging)):
-        model.stop_ids = owner.text.stop_ids
+    models = LocalModel(base), LocalModel(nudging)
+    pair = NudgingPair(*models)
+    for model in models:
+        model.model.stop_ids = model.text.stop_ids
     rows = []
     for prompt_tokens, answer_tokens in RUNS:
         question = "Answer from these notes.\n\n" + context(
@@ -114,13 +116,12 @@ def main() -> None:
         config = NudgingConfig(
             max_tokens=answer_tokens,
             max_rounds=10**6,
-            max_same_nudges=10**6,
-            min_repeat_chars=10**6,
             loop_passage_words=10**6,
+            repetition_stops=False,
         )
         with timed_forwards([base.model, nudging.model]) as spent:
             start = time.perf_counter()
-            generation = pair.generate([ChatMessage("user", question)], config)
+            generation = pair.generate(Request([ChatMessage("user", question)], config))
             for _ in generation:
                 pass
             wall = time.perf_counter() - start

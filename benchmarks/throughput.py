@@ -3,14 +3,14 @@
     python -m benchmarks.throughput [--prompts 8] [--max-tokens 256] [--oracle-prompts 2]
         [--draft-tokens 16 8 4] [--growth 64 128 256 512] [--threads 2] [--json PATH]
 
-(also ``nudging bench ...`` from a source checkout). One process, the same prompts and the same
-budget of new tokens for every path: (a) the base model alone with transformers ``generate``
-(greedy, KV cache, EOS masked so it writes exactly the budget): the floor; (b) the nudging
-engine, once per ``--draft-tokens`` value, and once more at the first value with draft
-boundaries verified one pass at a time (the ablation of batched verification); (c) the
-uncached oracle on the first ``--oracle-prompts`` prompts. The engine's forward passes at the
-first draft value are replayed in isolation for the required-cost model. ``--growth`` runs the
-first prompt at several answer lengths. docs/performance.md explains every column.
+One process, the same prompts and the same budget of new tokens for every path: (a) the base
+model alone with transformers ``generate`` (greedy, KV cache, EOS masked so it writes exactly
+the budget): the floor; (b) the nudging engine, once per ``--draft-tokens`` value, and once
+more at the first value with draft boundaries verified one pass at a time (the ablation of
+batched verification); (c) the uncached oracle on the first ``--oracle-prompts`` prompts. The
+engine's forward passes at the first draft value are replayed in isolation for the
+required-cost model. ``--growth`` runs the first prompt at several answer lengths.
+docs/performance.md explains every column.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .measure import (
     base_alone,
     engine,
     load_prompts,
+    local,
     memory,
     oracle,
     required_cost,
@@ -117,7 +118,9 @@ def print_table(title: str, rows: list[Row]) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nudging bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--oracle-prompts", type=int, default=2, help="0 skips the oracle")
@@ -153,12 +156,10 @@ class Bench:
             args.base, args.nudging, dtype=args.dtype, device=args.device, progress=False
         )
         self.load_s = round(time.perf_counter() - start, 2)
-        self.device = self.pair.base.device
-        self.refs = (
-            ReferenceModel(self.pair.base.loaded),
-            ReferenceModel(self.pair.nudging.loaded),
-        )
-        self.log = PassLog({"base": self.pair.base.model, "nudging": self.pair.nudging.model})
+        base, nudging = local(self.pair.base), local(self.pair.nudging)
+        self.device = base.device
+        self.refs = (ReferenceModel(base.loaded), ReferenceModel(nudging.loaded))
+        self.log = PassLog({"base": base.model, "nudging": nudging.model})
 
     def base(self, messages: list[ChatMessage], n: int) -> Row:
         return timed(lambda: base_alone(self.pair, messages, n), self.device, self.log)

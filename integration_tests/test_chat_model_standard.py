@@ -13,6 +13,10 @@ from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_nudging import BUNDLED_NUDGING_ID, NudgedChatModel, NudgingPair
 
+# Answers of up to 96 tokens (some constrained by a grammar built for the test's tools) on two
+# shared cores; the first test of the session also loads the pair.
+pytestmark = pytest.mark.timeout(600)
+
 
 @pytest.fixture(autouse=True)
 def _bundled_pair(pair: NudgingPair) -> NudgingPair:

@@ -30,6 +30,10 @@ from langchain_nudging.serving.engine import NudgingEngine
 from langchain_nudging.serving.handle import RequestHandle
 from langchain_nudging.serving.shared import shared_engine
 
+# Several answers of the bundled pair per test on two shared cores (the first test of the
+# session also loads the pair).
+pytestmark = pytest.mark.timeout(600)
+
 # -- the model -------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.timeout(600)  # 66 answers of the bundled pair on two shared cores
+@pytest.mark.timeout(900)  # 66 answers of the bundled pair on two shared cores
 def test_every_task_in_every_mode(pair: NudgingPair, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     argv = ["eval", "--task", *TASKS, "--limit", "3", "--max-tokens", "16", "--concurrency", "8"]
@@ -69,7 +69,7 @@ def test_every_task_in_every_mode(pair: NudgingPair, tmp_path: Path) -> None:
     assert len(json.loads(mt_line)["choices"][0]["turns"]) == 2
 
 
-@pytest.mark.timeout(600)  # a second process loads the pair, then 12 answers
+@pytest.mark.timeout(900)  # a second process loads the pair, then 12 answers
 def test_an_interrupted_run_resumes_where_it_stopped(pair: NudgingPair, tmp_path: Path) -> None:
     """The command is killed as soon as its first answer is written; the same command then
     answers only what is missing, and a sweep over gamma adds only the new gamma's answers."""

@@ -16,6 +16,7 @@ import llguidance
 import llguidance.hf
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 
 class GrammarViolationError(RuntimeError):
@@ -29,7 +30,9 @@ class GrammarTokenizer:
     """
 
     @classmethod
-    def of(cls, tokenizer: object, logits_width: int, eos_ids: list[int]) -> GrammarTokenizer:
+    def of(
+        cls, tokenizer: PreTrainedTokenizerBase, logits_width: int, eos_ids: list[int]
+    ) -> GrammarTokenizer:
         with _SHARED_LOCK:
             key = (logits_width, tuple(eos_ids))
             shared = _SHARED.setdefault(tokenizer, {})
@@ -37,7 +40,9 @@ class GrammarTokenizer:
                 shared[key] = cls(tokenizer, logits_width, eos_ids)
             return shared[key]
 
-    def __init__(self, tokenizer: object, logits_width: int, eos_ids: list[int]) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, logits_width: int, eos_ids: list[int]
+    ) -> None:
         self._tokenizer = tokenizer
         self.logits_width = logits_width
         self._eos_ids = eos_ids
@@ -52,6 +57,11 @@ class GrammarTokenizer:
         """The llguidance tokenizer, built on the first call (thread-safe)."""
         with self._lock:
             if self._built is None:
+                if not isinstance(self._tokenizer, PreTrainedTokenizerFast):
+                    raise TypeError(
+                        "tools and response formats need a fast (tokenizers) tokenizer, got "
+                        f"{type(self._tokenizer).__name__}"
+                    )
                 self._built = llguidance.hf.from_tokenizer(
                     self._tokenizer, eos_token=self._eos_ids or None
                 )
