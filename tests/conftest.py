@@ -67,7 +67,6 @@ BOOM = "<<boom>>"  # a stop string whose check throws once an answer has started
 @pytest.fixture(scope="module")
 def pair(llama_a: LoadedModel, gemma_b: LoadedModel) -> Any:
     from langchain_nudging.backends.registry import text_model
-
     from langchain_nudging.serving.generation import NudgingPair
 
     return NudgingPair(text_model(llama_a), text_model(gemma_b))

@@ -13,8 +13,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from typing import Any
 
-from langchain_nudging.backends.registry import register_backend
-
 from langchain_nudging.backends.base import (
     RUN_ALONE,
     Capabilities,
@@ -24,6 +22,7 @@ from langchain_nudging.backends.base import (
     Token,
     Work,
 )
+from langchain_nudging.backends.registry import register_backend
 from langchain_nudging.config import SamplingConfig, confident
 
 SCRIPT = "Paris is the capital of France."

@@ -36,6 +36,7 @@ from .local import LocalModel
 __all__ = [
     "BUNDLED_BASE_ID",
     "BUNDLED_NUDGING_ID",
+    "built_text_model",
     "check_spec",
     "register_backend",
     "spec_label",
@@ -84,6 +85,16 @@ def text_model(spec: Any, **options: Any) -> TextModel:
     backend = next(b for b in _BACKENDS if b.claims(spec))
     key = (backend.name, _spec_key(spec), _frozen(options))
     return _once(key, lambda: backend.build(spec, **options))
+
+
+def built_text_model(spec: Any, **options: Any) -> TextModel | None:
+    """The text model :func:`text_model` would return for ``spec`` and ``options`` if it is
+    built already, else ``None``: nothing is loaded (an event loop may ask)."""
+    if _is_text_model(spec):
+        return spec
+    backend = next(b for b in _BACKENDS if b.claims(spec))
+    with _LOCK:
+        return _MODELS.get((backend.name, _spec_key(spec), _frozen(options)))
 
 
 def check_spec(value: Any, field: str, *, deep: bool = False) -> Any:

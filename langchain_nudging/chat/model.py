@@ -48,6 +48,7 @@ from ..backends.base import TextModel
 from ..backends.registry import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,
+    built_text_model,
     check_spec,
     spec_label,
     text_model,
@@ -301,6 +302,15 @@ class NudgedChatModel(_WithKnobs):
             return self.custom_get_token_ids(text)
         return self._text_models(self.base_model)[0].token_ids(text)
 
+    def _built_engine(self, base: Any) -> NudgingEngine | None:
+        """The shared engine, if both models are built already (nothing is loaded)."""
+        options = self._load_options()
+        base_model = built_text_model(base, **options)
+        nudging_model = built_text_model(self.nudging_model, **options)
+        if base_model is None or nudging_model is None:
+            return None
+        return shared_engine(base_model, nudging_model)
+
     def _text_models(self, base: Any) -> tuple[TextModel, TextModel]:
         options = self._load_options()
         return text_model(base, **options), text_model(self.nudging_model, **options)
@@ -483,7 +493,9 @@ class NudgedChatModel(_WithKnobs):
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
         call = self._call(messages, stop, kwargs)
-        engine = await asyncio.to_thread(self.get_engine, call.base)  # a load never blocks
+        engine = self._built_engine(call.base)
+        if engine is None:  # a load never blocks the loop
+            engine = await asyncio.to_thread(self.get_engine, call.base)
         pair = engine.pair
         if not pair.prepared(call.request.output):  # a first constrained request: seconds
             await asyncio.to_thread(pair.prepare, call.request.output)
