@@ -9,7 +9,8 @@ class SamplingConfig(BaseModel):
     """How one model picks its next token.
 
     ``temperature == 0`` is greedy decoding. Sampling only changes which token is picked:
-    the base model's confidence is always its raw softmax top-1 probability (docs/algorithm.md, rule 6).
+    the base model's confidence is always its raw softmax top-1 probability
+    (docs/algorithm.md, rule 6).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
