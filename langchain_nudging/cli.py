@@ -20,7 +20,8 @@ from rich.table import Table
 from rich.text import Text
 
 from .algorithm import Segment
-from .backends.registry import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, check_spec
+from .backends.http import API_KEY_ENV, ServerError
+from .backends.registry import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, check_spec, runtimes
 from .config import ALGORITHM_KNOBS, SAMPLING_KNOBS, NudgingConfig, SamplingConfig
 from .evaluation.runner import EvalSettings, run_eval, run_identity
 from .evaluation.scoring import ScoringSetupError
@@ -113,9 +114,37 @@ def _value_type(info: FieldInfo) -> Callable[[str], Any]:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models")
-    models.add_argument("--base", default=BUNDLED_BASE_ID, help="base model: id, folder or .gguf")
     models.add_argument(
-        "--nudging", default=BUNDLED_NUDGING_ID, help="nudging model: id, folder or .gguf"
+        "--base",
+        default=BUNDLED_BASE_ID,
+        help="base model: id, folder, .gguf or server URL (http://host:port, llamacpp+http://...)",
+    )
+    models.add_argument(
+        "--nudging",
+        default=BUNDLED_NUDGING_ID,
+        help="nudging model: id, folder, .gguf or server URL",
+    )
+    models.add_argument(
+        "--runtime",
+        choices=runtimes(),
+        default="transformers",
+        help="where bundled and .gguf models run: in this process (transformers), or on "
+        "llama.cpp servers started on loopback (llamacpp)",
+    )
+    models.add_argument(
+        "--api-key", default=None, help=f"servers' API key (default: ${API_KEY_ENV})"
+    )
+    models.add_argument(
+        "--server-timeout",
+        type=float,
+        default=None,
+        help="seconds a call to a server may wait (default: 60)",
+    )
+    models.add_argument(
+        "--max-retries",
+        type=int,
+        default=None,
+        help="retries of a failed server call, with backoff (default: 2)",
     )
     models.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     models.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
@@ -228,7 +257,14 @@ def load_pair(args: argparse.Namespace) -> NudgingPair:
         "device_map": args.device_map,
         "trust_remote_code": args.trust_remote_code,
         "cache_dir": args.cache_dir,
+        "runtime": args.runtime,
     }
+    server = {
+        "api_key": args.api_key,
+        "timeout": args.server_timeout,
+        "max_retries": args.max_retries,
+    }
+    options.update({name: value for name, value in server.items() if value is not None})
     return NudgingPair.load(args.base, args.nudging, **options)
 
 
@@ -465,7 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_chat(args, console, errors)
     except ValidationError as exc:
         errors.print(f"nudging: invalid option: {_validation_message(exc)}")
-    except (ModelLoadError, ValueError, ScoringSetupError) as exc:
+    except (ModelLoadError, ValueError, ScoringSetupError, ServerError) as exc:
         errors.print(f"nudging: {exc}")
     except KeyboardInterrupt:
         errors.print("nudging: interrupted")

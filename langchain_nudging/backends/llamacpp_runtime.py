@@ -1,0 +1,197 @@
+"""llama.cpp servers this process runs itself, on loopback, for GGUF models.
+
+``runtime="llamacpp"`` (``NudgingPair.load``, ``NudgedChatModel``, ``nudging chat
+--runtime llamacpp``) serves a bundled model or a ``.gguf`` file on a llama.cpp server started
+here: llama.cpp's own HTTP server from the ``xllamacpp`` wheel, in a child process (so that it
+can be stopped), on 127.0.0.1 at a free port. A server is started once per GGUF file and kept
+until the process exits; the child also exits when this process dies (its stdin closes).
+
+The servers are started for exact, batch-independent answers: ``n_ubatch = 2`` (llama.cpp's
+CPU kernels compute a batch of 4 or more tokens in another order, so logits would depend on
+how many tokens a call reads: up to 0.1 in log-probability on the bundled Gemma, measured;
+docs/servers.md) and ``swa_full`` (Gemma's sliding-window cache otherwise cannot be cut back,
+so a slot would re-read the whole prompt after every rejected token).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .http import ServerError
+
+START_TIMEOUT = 120.0  # seconds a server may take to load its model
+SLOT_CONTEXT = 4096  # tokens per slot
+PARALLEL = 4  # slots per server
+
+
+class RuntimeStartError(ServerError):
+    """A llama.cpp server of this process's own did not start."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How a server is started (the defaults suit the bundled pair on a small CPU)."""
+
+    parallel: int = PARALLEL
+    slot_context: int = SLOT_CONTEXT
+    threads: int = 0  # 0: half the cores (two servers share the machine), at least 1
+    ubatch: int = 2
+
+
+class LlamaCppServer:
+    """One llama.cpp server in a child process: :attr:`url` once started; :meth:`stop`."""
+
+    def __init__(self, gguf: str | os.PathLike[str], settings: ServerSettings | None = None):
+        self.gguf = str(Path(gguf).resolve())
+        self.settings = settings or ServerSettings()
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        threads = self.settings.threads or max(1, (os.cpu_count() or 2) // 2)
+        config = {
+            "gguf": self.gguf,
+            "port": self.port,
+            "parallel": self.settings.parallel,
+            "n_ctx": self.settings.parallel * self.settings.slot_context,
+            "threads": threads,
+            "ubatch": self.settings.ubatch,
+        }
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", __name__, json.dumps(config)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                error = (
+                    self._process.stderr.read().decode(errors="replace")
+                    if self._process.stderr
+                    else ""
+                )
+                raise RuntimeStartError(
+                    f"the llama.cpp server for {self.gguf} exited at start "
+                    f"(code {self._process.returncode}): {error.strip()[-600:]}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0, trust_env=False).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeStartError(
+            f"the llama.cpp server for {self.gguf} did not answer within {START_TIMEOUT:g} s"
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(timeout)
+        for pipe in (self._process.stdin, self._process.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+_SERVERS: dict[str, LlamaCppServer] = {}
+_LOCK = threading.Lock()
+
+
+def gguf_of(spec: Any) -> Path:
+    """The GGUF file a spec names: a bundled id's own file, or a ``.gguf`` path."""
+    from ..models.bundled import bundled_gguf
+    from ..models.registry import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID
+
+    if isinstance(spec, str) and spec in (BUNDLED_BASE_ID, BUNDLED_NUDGING_ID):
+        return bundled_gguf(spec)
+    if isinstance(spec, str | os.PathLike) and str(spec).endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"runtime='llamacpp': no GGUF file at {path}")
+        return path
+    raise ValueError(
+        f"runtime='llamacpp' serves a bundled id or a .gguf file; got {spec!r} (start a "
+        "llama.cpp server for other models and give its URL)"
+    )
+
+
+def serve_gguf(spec: Any, start: bool = True) -> str | None:
+    """The URL of this process's llama.cpp server for ``spec``'s GGUF file; started on first
+    use when ``start`` (else ``None`` until it is)."""
+    gguf = str(gguf_of(spec).resolve())
+    with _LOCK:
+        server = _SERVERS.get(gguf)
+        if server is not None and server.running:
+            return server.url
+        if not start:
+            return None
+        server = _SERVERS[gguf] = LlamaCppServer(gguf)
+        return server.url
+
+
+def stop_servers() -> None:
+    """Stop every server this process started (also done at exit)."""
+    with _LOCK:
+        servers = list(_SERVERS.values())
+        _SERVERS.clear()
+    for server in servers:
+        server.stop()
+
+
+atexit.register(stop_servers)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(config: dict[str, Any]) -> None:  # pragma: no cover - runs in the child process
+    """The child: load the model, serve on loopback, exit when the parent goes away."""
+    import xllamacpp  # type: ignore[import-untyped]
+
+    params = xllamacpp.CommonParams()
+    params.model.path = config["gguf"]
+    params.n_ctx = config["n_ctx"]
+    params.n_parallel = config["parallel"]
+    params.n_ubatch = config["ubatch"]
+    params.cpuparams.n_threads = config["threads"]
+    params.cpuparams_batch.n_threads = config["threads"]
+    params.hostnames = ["127.0.0.1"]
+    params.port = config["port"]
+    params.warmup = False
+    params.swa_full = True
+    params.endpoint_metrics = True
+    server = xllamacpp.Server(params)  # returns once the model is loaded; serves in threads
+    sys.stdin.read()  # until the parent closes the pipe or dies
+    del server
+    os._exit(0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _serve(json.loads(sys.argv[1]))
