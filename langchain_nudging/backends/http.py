@@ -132,6 +132,7 @@ class ServerClient:
         api_key: str | None = None,
         timeout: float | None = None,
         max_retries: int | None = None,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = url
         self.timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
@@ -148,6 +149,7 @@ class ServerClient:
             timeout=httpx.Timeout(self.timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
             trust_env=False,  # loopback and cluster servers: no proxies from the environment
+            transport=transport,
         )
         self.calls = 0  # HTTP requests sent (retries included)
         self._lock = threading.Lock()

@@ -82,14 +82,27 @@ class LlamaCppModel:
     batchable = False  # as a WorkRunner: the server batches by itself
 
     def __init__(
-        self, client: ServerClient, *, slot_wait: float | None = None, cached: bool = True
+        self,
+        client: ServerClient,
+        *,
+        slot_wait: float | None = None,
+        cached: bool = True,
+        window_chunk: int | None = None,
     ) -> None:
         self.client = client
         self.url = client.url
         self.cached = cached
-        props = client.get("/props")
+        #: ``None``: a window is one streamed completion; a number: completions of that many
+        #: tokens, one after the other (benchmarks/servers.py compares the two).
+        self.window_chunk = window_chunk
+        try:
+            props = client.get("/props")
+        except ServerError as exc:
+            raise ServerError(f"{self.url} is not a llama.cpp server: {exc}") from None
         if not isinstance(props, dict) or "default_generation_settings" not in props:
-            raise ServerError(f"{self.url} does not answer /props as a llama.cpp server does")
+            raise ServerError(
+                f"{self.url} is not a llama.cpp server: /props has no default_generation_settings"
+            )
         settings = props["default_generation_settings"]
         alias = str(props.get("model_alias") or props.get("model_path") or "model")
         self.name = f"{alias.rsplit('/', 1)[-1]} @ {self.url}"
@@ -536,13 +549,18 @@ class LlamaCppSession(CachedSession):
                 break
         return self._rng.choices([t for t, _ in kept], [w for _, w in kept])[0]
 
-    def _call(self, ids: list[int], n_probs: int) -> Any:
+    def _call(self, ids: list[int], n_probs: int, n_predict: int = 1) -> Any:
         model, sampling = self._model, self._sampling
         if self._matcher is not None:
             sampling = _greedy()  # the session chooses among the candidates itself
         answer = self._run(
             lambda: model.complete(
-                ids, sampling, n_probs=n_probs, slot=self._slot, cache=model.cached
+                ids,
+                sampling,
+                n_predict=n_predict,
+                n_probs=n_probs,
+                slot=self._slot,
+                cache=model.cached,
             )
         )
         self._count_timings(answer)
@@ -592,6 +610,7 @@ class LlamaCppSession(CachedSession):
         stops = StopFinder(stop, answer)
         out: list[Token] = []
         stream: Iterator[Choice] | None = None
+        retries = self._model.client.max_retries
         try:
             while True:
                 known = self._choices.known(path, {len(path)}) if stream is None else {}
@@ -603,8 +622,16 @@ class LlamaCppSession(CachedSession):
                 else:
                     if stream is None:
                         stream = self._stream(path, max(1, size - len(out)))
-                    # A window past its size (a character left open) asks token by token.
-                    choice = next(stream, None) or self._choose_after(path, {})
+                    try:
+                        # Past its size (a character left open) a window asks token by token.
+                        choice = next(stream, None) or self._choose_after(path, {})
+                    except ServerError:
+                        if retries <= 0:
+                            raise
+                        # A connection lost mid-window: ask again from the last token read.
+                        retries -= 1
+                        stream = self._close(stream)
+                        continue
                     self._choices.add(path, {len(path): choice})
                 token_id, top1, top2 = choice
                 ends = token_id in self._model.stop_ids
@@ -630,7 +657,24 @@ class LlamaCppSession(CachedSession):
 
     def _stream(self, ids: list[int], n_predict: int) -> Iterator[Choice]:
         """The choices of one streamed completion after ``ids``, as the server makes them;
-        closing the iterator closes the connection (the server stops generating)."""
+        closing the iterator closes the connection (the server stops generating). With the
+        model's ``window_chunk``, successive completions of that many tokens instead."""
+        if self._model.window_chunk:
+            return self._chunks(ids, n_predict, self._model.window_chunk)
+        return self._streamed(ids, n_predict)
+
+    def _chunks(self, ids: list[int], n_predict: int, chunk: int) -> Iterator[Choice]:
+        ids = list(ids)
+        while n_predict > 0:
+            answer = self._call(ids, 2, min(chunk, n_predict))
+            choices = [_choice(e, self._model) for e in answer["completion_probabilities"]]
+            yield from choices
+            if not choices or choices[-1][0] in self._model.stop_ids:
+                return
+            ids.extend(c[0] for c in choices)
+            n_predict -= len(choices)
+
+    def _streamed(self, ids: list[int], n_predict: int) -> Iterator[Choice]:
         model = self._model
         body = model.body(ids, self._sampling, n_predict, 2, self._slot, model.cached, True)
         read = 0  # positions the server read: the prompt's uncached part, then each token

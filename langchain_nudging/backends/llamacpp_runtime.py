@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -67,13 +68,21 @@ class LlamaCppServer:
             "threads": threads,
             "ubatch": self.settings.ubatch,
         }
+        # The server's log goes to a file: a pipe nobody reads would fill and stop the server.
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open for the server's life
+            prefix="llamacpp-", suffix=".log", delete=False
+        )
         self._process = subprocess.Popen(
             [sys.executable, "-m", __name__, json.dumps(config)],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         self._wait_ready()
+
+    def log_tail(self, chars: int = 600) -> str:
+        """The end of the server's log."""
+        return Path(self.log.name).read_text(errors="replace")[-chars:].strip()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -112,9 +121,10 @@ class LlamaCppServer:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait(timeout)
-        for pipe in (self._process.stdin, self._process.stderr):
-            if pipe is not None:
-                pipe.close()
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
 
 
 _SERVERS: dict[str, LlamaCppServer] = {}
@@ -185,6 +195,7 @@ def _serve(config: dict[str, Any]) -> None:  # pragma: no cover - runs in the ch
     params.hostnames = ["127.0.0.1"]
     params.port = config["port"]
     params.warmup = False
+    params.verbosity = 0  # errors and warnings only
     params.swa_full = True
     params.endpoint_metrics = True
     server = xllamacpp.Server(params)  # returns once the model is loaded; serves in threads
