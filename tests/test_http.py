@@ -242,3 +242,21 @@ def test_the_byte_matcher_follows_the_answer_and_checks_candidates() -> None:
     assert matcher.allows(b"", True)
     matcher.follow(matcher.answer_ids("{"))  # rolled back
     assert matcher.allows(b'"', False)
+
+
+def test_an_unknown_runtime_is_refused_by_name() -> None:
+    from langchain_nudging.backends.registry import text_model
+
+    with pytest.raises(
+        ValueError, match=r"runtime: expected one of \('transformers', 'llamacpp'\)"
+    ):
+        text_model("bundled:gemma-3-270m", runtime="vllm")
+
+
+def test_the_llamacpp_runtime_serves_gguf_files_and_bundled_ids_only(tmp_path: object) -> None:
+    from langchain_nudging.backends.llamacpp_runtime import gguf_of
+
+    with pytest.raises(ValueError, match="serves a bundled id or a .gguf file"):
+        gguf_of("org/some-model")
+    with pytest.raises(ValueError, match="no GGUF file at"):
+        gguf_of("/nowhere/model.gguf")

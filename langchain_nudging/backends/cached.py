@@ -12,8 +12,10 @@ backend.
 
 from __future__ import annotations
 
+import bisect
+import re
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
 
@@ -74,6 +76,104 @@ class StopFinder:
         hit = any(window.find(s, max(0, old - len(s) + 1)) != -1 for s in self._stop)
         self._tail = window[-self._keep :] if self._keep else ""
         return hit
+
+
+# Where text may be cut and tokenized in two pieces: at a single space between two words.
+_WORD_START = re.compile(r"(?<=\w)(?= \w)")
+# A text to check that on, once per tokenizer (docs/reliability.md).
+_SPLIT_SAMPLE = (
+    "Question: What is 1234 * 5678? Answer: Let me think step by step.  First, 1234 * 5000 ="
+    " 6170000; then 1234 * 678 = 836652.\nSo the total is 7006652. Done!\n\n  - item one,"
+    " item two; (three) [four] {five} <tag> </tag> \"quoted\" 'single' don't can't it's"
+    " Café naïve façade über São Paulo Zürich 日本語 の テキスト 東京 Привет, как дела? ☕ 🙂 🚀"
+    " €5 £3 — … def add(a, b): return a + b  # adds\tnumbers   spaced    out ok. www.a.com/x?y=1"
+    " e.g. i.e. U.S.A. 3.14 1,000,000 50% #hash @at $dollar ^caret &amp *star _under_ ~tilde"
+)
+
+
+def cuts_at_words(encode_plain: Callable[[str], list[int]]) -> bool:
+    """Whether a tokenizer tokenizes text cut at a single space between two words as it does
+    the whole text (checked on a sample of prose, code, numbers and other scripts)."""
+    whole = encode_plain(_SPLIT_SAMPLE)
+    return all(
+        encode_plain(_SPLIT_SAMPLE[:c]) + encode_plain(_SPLIT_SAMPLE[c:]) == whole
+        for c in (m.start() for m in _WORD_START.finditer(_SPLIT_SAMPLE))
+    )
+
+
+class PlainText(Protocol):
+    """What :class:`PromptEncoder` asks of a model's tokenizer."""
+
+    @property
+    def cuts_at_words(self) -> bool: ...
+
+    def head(self, prompt: str) -> tuple[list[int], int]:
+        """The ids of ``prompt`` up to the end of its last control marker, and where that is."""
+        ...
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Ids of ``text`` as text (no BOS, no special-token string parsed)."""
+        ...
+
+    def check_fits(self, ids: list[int]) -> None:
+        """Raise ContextWindowError when ``ids`` do not fit the context window."""
+        ...
+
+
+class PromptEncoder:
+    """``prompt + answer`` to ids for one session, re-tokenizing only what changed.
+
+    Equal to the ids of the prompt's head (``text.head``) followed by the rest as text. The
+    head is tokenized once. The rest, the prompt's last piece and the answer, is cut at
+    single spaces between two words: where the tokenizer tokenizes text cut there as it
+    tokenizes it whole (checked once per tokenizer, :func:`cuts_at_words`), the ids before
+    the last cut that the new text shares with the text encoded before are kept, and only the
+    text after it is tokenized. So a question's cost does not grow with the prompt or the
+    answer.
+    """
+
+    def __init__(self, text: PlainText, prompt: str) -> None:
+        self._text = text
+        self._prompt = prompt
+        head, self._tail_start = text.head(prompt)
+        self._head = head
+        self._last = ""  # the last text after the head, its ids, and cuts in it:
+        self._ids: list[int] = []
+        self._cut_at: list[int] = [0]  # character offsets, ascending
+        self._cut_ids: list[int] = [0]  # ids before each
+        self.encode("")  # tokenizes the prompt, and fails on an over-long one
+
+    def encode(self, answer: str) -> list[int]:
+        rest = self._prompt[self._tail_start :] + answer
+        ids = self._head + self._tail_ids(rest)
+        self._text.check_fits(ids)
+        return ids
+
+    def count(self, text: str) -> int:
+        """Tokens in ``text`` on its own, for an encoder of the empty prompt: successive texts
+        that share a beginning are counted incrementally."""
+        return len(self._tail_ids(text))
+
+    def _tail_ids(self, rest: str) -> list[int]:
+        text = self._text
+        if not text.cuts_at_words:
+            return text.encode_plain(rest)
+        # The last cut that both texts share with a word start after it.
+        shared = common_prefix_length(self._last, rest)
+        k = max(0, bisect.bisect_right(self._cut_at, shared - 2) - 1)
+        at, kept = self._cut_at[k], self._ids[: self._cut_ids[k]]
+        del self._cut_at[k + 1 :], self._cut_ids[k + 1 :]
+        # Cut the new text once more near its end, so the next question can reuse it.
+        cuts = [m.start() for m in _WORD_START.finditer(rest, at + 1, max(at + 1, len(rest) - 32))]
+        if cuts:
+            middle = text.encode_plain(rest[at : cuts[-1]])
+            self._cut_at.append(cuts[-1])
+            self._cut_ids.append(len(kept) + len(middle))
+            ids = kept + middle + text.encode_plain(rest[cuts[-1] :])
+        else:
+            ids = kept + text.encode_plain(rest[at:])
+        self._last, self._ids = rest, ids
+        return ids
 
 
 Choice = tuple[int, float, float]  # (token id, top-1 probability, top-2 probability)

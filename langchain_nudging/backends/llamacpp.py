@@ -13,15 +13,16 @@ The dialect uses the server's native API (docs/servers.md says why and what it m
   closes at the first token ending it (unsure, a stop string, end of turn), which stops the
   server generating.
 * Tokens are counted, and text tokenized, by the server's ``/tokenize`` (the server's own
-  tokenizer is the one whose ids it reads); what each chosen token adds to the answer comes
+  tokenizer is the one whose ids it reads), asked only about the end of a text that grows
+  (backends/cached.py's ``PromptEncoder``); what each chosen token adds to the answer comes
   with it (its ``bytes``), so nothing is decoded by joining piece strings. A token whose text
   is empty is a control token (end of turn, or another special token): it ends the answer.
 * Grammars (tool calls, structured output): a server applies a grammar only from the start
   of a completion, so the session checks the candidates itself. llguidance follows the answer
   byte by byte (its byte tokenizer, which needs no vocabulary) and each constrained choice is
   the most likely (or, sampling, a sampled) candidate among the server's top ``k`` that the
-  grammar allows, ``k`` growing from 32 when none is allowed. Gamma still compares the raw
-  top-1 probability.
+  grammar allows; where the grammar allows one text only, that text's first token; else
+  ``k`` grows from 32. Gamma still compares the raw top-1 probability.
 
 A server URL given without a prefix is recognized by ``/props``. :func:`serve_gguf` runs a
 llama.cpp server of this process's own for a GGUF model (``runtime="llamacpp"``).
@@ -54,7 +55,15 @@ from .base import (
     Work,
     controls_of,
 )
-from .cached import CARRY_TOKENS, CachedSession, Choice, StopFinder, window_full
+from .cached import (
+    CARRY_TOKENS,
+    CachedSession,
+    Choice,
+    PromptEncoder,
+    StopFinder,
+    cuts_at_words,
+    window_full,
+)
 from .http import ServerClient, ServerError, register_dialect
 
 #: Candidates asked for per constrained choice, in turn, until the grammar allows one.
@@ -118,6 +127,7 @@ class LlamaCppModel:
         self.pieces: dict[int, bytes] = {}
         #: Ids that are control tokens (their text is empty): none of them is answer text.
         self.stop_ids: set[int] = set()
+        self._cuts_at_words: bool | None = None
         self._bos_ids = self.tokenize("", special=True)  # what the model puts first: its BOS
         self._bos = str(props.get("bos_token") or "") or None
         self._check_probabilities()
@@ -131,6 +141,17 @@ class LlamaCppModel:
             return []
         body = {"content": text, "add_special": special, "parse_special": parse}
         return [int(t) for t in self.client.post("/tokenize", body)["tokens"]]
+
+    def encode_plain(self, text: str) -> list[int]:
+        return self.tokenize(text)
+
+    @property
+    def cuts_at_words(self) -> bool:
+        """Whether the server's tokenizer may be asked about the end of a text only
+        (:func:`~.cached.cuts_at_words`, checked once: about 80 short calls)."""
+        if self._cuts_at_words is None:
+            self._cuts_at_words = cuts_at_words(self.tokenize)
+        return self._cuts_at_words
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return str(self.client.post("/detokenize", {"tokens": list(ids)})["content"])
@@ -190,7 +211,7 @@ class LlamaCppModel:
         return len(self.encode(prompt))
 
     def counter(self) -> TokenCount:
-        return _Counter(self)
+        return PromptEncoder(self, "")
 
     def truncate_tokens(self, text: str, max_tokens: int) -> str:
         ids = self.tokenize(text)
@@ -344,19 +365,6 @@ def _choice(entry: Mapping[str, Any], model: LlamaCppModel) -> Choice:
     return token_id, top1, top2
 
 
-class _Counter:
-    """Tokens of texts, by the server (one ``/tokenize`` call per count)."""
-
-    def __init__(self, model: LlamaCppModel) -> None:
-        self._model = model
-        self._last: tuple[str, int] = ("", 0)
-
-    def count(self, text: str) -> int:
-        if text != self._last[0]:
-            self._last = (text, len(self._model.tokenize(text)))
-        return self._last[1]
-
-
 class _Tokens:
     """A session's view of its model's tokens (backends/cached.py's ``SessionTokens``)."""
 
@@ -364,32 +372,19 @@ class _Tokens:
         self._model = model
         self.stop_ids: AbstractSet[int] = model.stop_ids
 
-    def encoder(self, prompt: str) -> _Encoder:
-        return _Encoder(self._model, prompt)
+    def encoder(self, prompt: str) -> PromptEncoder:
+        """``prompt + answer`` to ids: the prompt's head once, then only the text after the
+        last word boundary the new text shares with the last one (backends/cached.py)."""
+        return PromptEncoder(self._model, prompt)
 
     def counter(self) -> TokenCount:
-        return _Counter(self._model)
+        return PromptEncoder(self._model, "")
 
     def detokenizer(self, context: list[int]) -> _Bytes:
         return _Bytes(self._model)
 
     def truncate(self, text: str, max_tokens: int) -> str:
         return self._model.truncate_tokens(text, max_tokens)
-
-
-class _Encoder:
-    """``prompt + answer`` to ids: the prompt's head once, the rest per question."""
-
-    def __init__(self, model: LlamaCppModel, prompt: str) -> None:
-        self._model = model
-        self._head, at = model.head(prompt)
-        self._tail = prompt[at:]
-        self.encode("")  # fails on an over-long prompt
-
-    def encode(self, answer: str) -> list[int]:
-        ids = self._head + self._model.tokenize(self._tail + answer)
-        self._model.check_fits(ids)
-        return ids
 
 
 class _Bytes:
@@ -450,6 +445,11 @@ class _ByteMatcher:
             consumed.clear()
             raise GrammarViolationError("the answer so far does not fit the grammar")
         consumed.extend(new)
+
+    def forced_text(self) -> str:
+        """The text the grammar allows next and nothing else (complete characters only)."""
+        forced = bytes(self._matcher.compute_ff_bytes())
+        return forced.decode("utf-8", errors="ignore") if forced else ""
 
     def allows(self, piece: bytes, is_stop: bool) -> bool:
         """Whether a token adding ``piece`` (or ending the answer) may come next."""
@@ -526,11 +526,33 @@ class LlamaCppSession(CachedSession):
                     allowed.append((token_id, math.exp(float(candidate["logprob"]))))
             if allowed:
                 return self._pick(allowed), raw_top1, raw_top2
+            forced = self._forced_token()
+            if forced is not None:
+                return forced, raw_top1, raw_top2
             if len(top) < k:
                 break  # the server gave every token it has
         raise GrammarViolationError(
             f"no token {self._model.url} offers after the answer so far fits the grammar"
         )
+
+    def _forced_token(self) -> int | None:
+        """Where the grammar allows one text only (a tool call's name, a key, punctuation),
+        the first token of that text: the answer's text is the same whichever token the model
+        would have started it with, so no more candidates are asked for."""
+        assert isinstance(self._matcher, _ByteMatcher)
+        forced = self._matcher.forced_text()
+        if not forced:
+            return None
+        body = {"content": forced, "with_pieces": True}
+        tokens = self._model.client.post("/tokenize", body)["tokens"]
+        if not tokens:
+            return None
+        first = tokens[0]
+        piece = first["piece"]
+        data = piece.encode("utf-8") if isinstance(piece, str) else bytes(piece)
+        if not data or not self._matcher.allows(data, False):
+            return None
+        return self._model.learn({"id": first["id"], "bytes": list(data)})
 
     def _pick(self, allowed: list[tuple[int, float]]) -> int:
         """Greedy: the most likely allowed candidate; sampling: one drawn among them."""

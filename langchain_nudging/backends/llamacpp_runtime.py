@@ -49,6 +49,9 @@ class ServerSettings:
     slot_context: int = SLOT_CONTEXT
     threads: int = 0  # 0: half the cores (two servers share the machine), at least 1
     ubatch: int = 2
+    #: Host memory for llama.cpp's prompt cache (slot states kept for later requests that
+    #: start the same way); ``None``: the server's default, 0: none (benchmarks read cold).
+    cache_ram_mib: int | None = None
 
 
 class LlamaCppServer:
@@ -67,13 +70,15 @@ class LlamaCppServer:
             "n_ctx": self.settings.parallel * self.settings.slot_context,
             "threads": threads,
             "ubatch": self.settings.ubatch,
+            "cache_ram_mib": self.settings.cache_ram_mib,
         }
         # The server's log goes to a file: a pipe nobody reads would fill and stop the server.
         self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open for the server's life
             prefix="llamacpp-", suffix=".log", delete=False
         )
         self._process = subprocess.Popen(
-            [sys.executable, "-m", __name__, json.dumps(config)],
+            # A script, not a module of the package: the child imports only xllamacpp.
+            [sys.executable, str(_CHILD), json.dumps(config)],
             stdin=subprocess.PIPE,
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -127,6 +132,7 @@ class LlamaCppServer:
         Path(self.log.name).unlink(missing_ok=True)
 
 
+_CHILD = Path(__file__).with_name("_llamacpp_child.py")
 _SERVERS: dict[str, LlamaCppServer] = {}
 _LOCK = threading.Lock()
 
@@ -179,30 +185,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _serve(config: dict[str, Any]) -> None:  # pragma: no cover - runs in the child process
-    """The child: load the model, serve on loopback, exit when the parent goes away."""
-    import xllamacpp  # type: ignore[import-untyped]
-
-    params = xllamacpp.CommonParams()
-    params.model.path = config["gguf"]
-    params.n_ctx = config["n_ctx"]
-    params.n_parallel = config["parallel"]
-    params.n_ubatch = config["ubatch"]
-    params.cpuparams.n_threads = config["threads"]
-    params.cpuparams_batch.n_threads = config["threads"]
-    params.hostnames = ["127.0.0.1"]
-    params.port = config["port"]
-    params.warmup = False
-    params.verbosity = 0  # errors and warnings only
-    params.swa_full = True
-    params.endpoint_metrics = True
-    server = xllamacpp.Server(params)  # returns once the model is loaded; serves in threads
-    sys.stdin.read()  # until the parent closes the pipe or dies
-    del server
-    os._exit(0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    _serve(json.loads(sys.argv[1]))

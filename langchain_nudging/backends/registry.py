@@ -13,6 +13,7 @@ everything asking for one model (pairs, shared engines, chat models) shares it.
 
 from __future__ import annotations
 
+import inspect
 import os
 import threading
 import weakref
@@ -55,7 +56,7 @@ class _Backend:
 
     def take(self, options: dict[str, Any]) -> dict[str, Any]:
         if self.options is None:
-            return {k: v for k, v in options.items() if k not in _NOT_LOCAL}
+            return dict(options)
         return {k: v for k, v in options.items() if k in self.options}
 
 
@@ -66,8 +67,6 @@ _MODELS: weakref.WeakValueDictionary[Hashable, TextModel] = weakref.WeakValueDic
 _BUILDING: dict[Hashable, threading.Lock] = {}
 _MEMBERS = frozenset(get_protocol_members(TextModel))
 _RUNTIMES: dict[str, Callable[[Any, bool], str | None]] = {}
-# Options only server models take: a local model of a mixed pair does not get them.
-_NOT_LOCAL = frozenset({"api_key", "timeout", "max_retries", "slot_wait"})
 
 
 def register_backend(
@@ -81,8 +80,8 @@ def register_backend(
     ``claims(spec)`` says whether the backend serves ``spec``; ``build(spec, **options)`` makes
     its text model (which must take weak references, as instances of plain classes do).
     ``options`` names the options it takes: the others given to :func:`text_model` (those of
-    the other model of a mixed pair) are not passed to it. ``None``: every option but the
-    server ones. Registering a name again replaces that backend.
+    the other model of a mixed pair) are not passed to it (``None``: every option).
+    Registering a name again replaces that backend.
     """
     global _BACKENDS
     backend = _Backend(name, claims, build, None if options is None else frozenset(options))
@@ -137,7 +136,7 @@ def _on_runtime(
     becomes the URL of a llama.cpp server started for it (a server URL stays as it is)."""
     options = dict(options)
     runtime = options.pop("runtime", None) or _FALLBACK
-    if runtime == _FALLBACK or any(b.claims(spec) for b in _BACKENDS if b.options is not None):
+    if runtime == _FALLBACK or any(b.claims(spec) for b in _BACKENDS if b.name != _FALLBACK):
         if runtime != _FALLBACK and runtime not in _RUNTIMES:
             raise ValueError(f"runtime: expected one of {runtimes()}, got {runtime!r}")
         return spec, options
@@ -245,7 +244,10 @@ def _transformers(spec: Any, **options: Any) -> TextModel:
     return _once(("loaded", id(loaded)), lambda: LocalModel(loaded))
 
 
-register_backend(_FALLBACK, lambda spec: True, _transformers)
+# transformers takes load_model's keywords; a server model's options (api_key, timeout, ...)
+# given for the other model of a mixed pair do not reach it.
+_LOAD_OPTIONS = frozenset(list(inspect.signature(load_model).parameters)[1:])
+register_backend(_FALLBACK, lambda spec: True, _transformers, options=_LOAD_OPTIONS)
 # Serving engines: any server URL; each engine's dialect is one module (llamacpp.py registers
 # itself with http.py when imported). Registered after the fallback: asked first.
 from . import http, llamacpp, llamacpp_runtime  # noqa: E402, F401
