@@ -256,7 +256,7 @@ def test_an_unknown_runtime_is_refused_by_name() -> None:
 def test_the_llamacpp_runtime_serves_gguf_files_and_bundled_ids_only(tmp_path: object) -> None:
     from langchain_nudging.backends.llamacpp_runtime import gguf_of
 
-    with pytest.raises(ValueError, match="serves a bundled id or a .gguf file"):
+    with pytest.raises(ValueError, match=r"serves a bundled id or a \.gguf file"):
         gguf_of("org/some-model")
     with pytest.raises(ValueError, match="no GGUF file at"):
         gguf_of("/nowhere/model.gguf")
