@@ -18,6 +18,7 @@ import pytest
 from langchain_core.messages import AIMessageChunk
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
+from test_oracle_equality import PROMPTS  # the ten prompts of the in-process oracle test
 
 from langchain_nudging import ChatMessage, NudgedChatModel, NudgingConfig, NudgingPair
 from langchain_nudging.backends.base import ContextWindowError
@@ -81,37 +82,10 @@ def test_a_server_model_is_shared_by_spec(llamacpp_servers: Servers) -> None:
     assert text_model(f"llamacpp+{base.url}") is not None
 
 
-PROMPTS: dict[str, list[ChatMessage]] = {
-    "open": ask("Give me three tips for staying healthy."),
-    "explain": ask("Explain to a child what a prime number is."),
-    "list": ask("List five red fruits, one per line."),
-    "arithmetic": ask(
-        "Natalia sold clips to 48 of her friends in April, and then she sold half as many "
-        "clips in May. How many clips did Natalia sell altogether in April and May?"
-    ),
-    "multi_turn": [
-        ChatMessage(U, "My name is Ana and I have a grey cat."),
-        ChatMessage(A, "Nice to meet you, Ana! Grey cats are lovely."),
-        ChatMessage(U, "Suggest three names for my cat and say why."),
-    ],
-    "non_ascii": ask("Écris deux phrases en français sur le café crème à Zürich. ☕"),
-    "blank_lines": ask("Write a short poem about the sea: two stanzas separated by a blank line."),
-    "system": [
-        ChatMessage(S, "You are a pirate. Answer like one."),
-        ChatMessage(U, "Describe your ship."),
-    ],
-    "prefill": [
-        ChatMessage(U, "Why is the sky blue?"),
-        ChatMessage(A, "The sky looks blue because"),
-    ],
-    "howto": ask("How do I make a cup of green tea?"),
-}
-
-
 def test_cached_sessions_write_what_the_uncached_oracle_writes(server_pair: NudgingPair) -> None:
-    """Greedy, 64 tokens, ten prompts: the library (pinned warm slots, streamed windows,
-    reused choices) and an oracle asking the same servers every question afresh
-    (``cache_prompt: false``, the whole text re-read) write the same text."""
+    """Greedy, 64 tokens, the ten prompts of test_oracle_equality.py: the library (pinned
+    warm slots, streamed windows, reused choices) and an oracle asking the same servers every
+    question afresh (``cache_prompt: false``, the whole text re-read) write the same text."""
     config = NudgingConfig(max_tokens=64)
     base, nudging = server_pair.base, server_pair.nudging
     assert isinstance(base, LlamaCppModel)
