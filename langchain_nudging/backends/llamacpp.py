@@ -95,12 +95,10 @@ class LlamaCppModel:
         client: ServerClient,
         *,
         slot_wait: float | None = None,
-        cached: bool = True,
         window_chunk: int | None = None,
     ) -> None:
         self.client = client
         self.url = client.url
-        self.cached = cached
         #: ``None``: a window is one streamed completion; a number: completions of that many
         #: tokens, one after the other (benchmarks/servers.py compares the two).
         self.window_chunk = window_chunk
@@ -479,7 +477,7 @@ class LlamaCppSession(CachedSession):
         self._sampling = sampling
         self._scheduler = scheduler
         self._rng = random.Random(sampling.seed)
-        self._slot = model.open_slot() if model.cached else -1  # -1: any slot
+        self._slot = model.open_slot()
         try:
             super().__init__(_Tokens(model), prompt, grammar)
         except BaseException:
@@ -582,7 +580,6 @@ class LlamaCppSession(CachedSession):
                 n_predict=n_predict,
                 n_probs=n_probs,
                 slot=self._slot,
-                cache=model.cached,
             )
         )
         self._count_timings(answer)
@@ -698,7 +695,7 @@ class LlamaCppSession(CachedSession):
 
     def _streamed(self, ids: list[int], n_predict: int) -> Iterator[Choice]:
         model = self._model
-        body = model.body(ids, self._sampling, n_predict, 2, self._slot, model.cached, True)
+        body = model.body(ids, self._sampling, n_predict, 2, self._slot, True, True)
         read = 0  # positions the server read: the prompt's uncached part, then each token
         try:
             with model.client.stream("/completion", body) as events:
