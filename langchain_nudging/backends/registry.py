@@ -99,9 +99,7 @@ def text_model(spec: Any, **options: Any) -> TextModel:
     if _is_text_model(spec):
         return spec
     spec, options = _on_runtime(spec, options)
-    backend = next(b for b in _BACKENDS if b.claims(spec))
-    taken = backend.take(options)
-    key = (backend.name, _spec_key(spec), _frozen(taken))
+    backend, taken, key = _resolve(spec, options)
     return _once(key, lambda: backend.build(spec, **taken))
 
 
@@ -113,9 +111,16 @@ def built_text_model(spec: Any, **options: Any) -> TextModel | None:
     spec, options = _on_runtime(spec, options, start=False)
     if spec is None:
         return None  # its server is not started yet: text_model starts it
-    backend = next(b for b in _BACKENDS if b.claims(spec))
+    key = _resolve(spec, options)[2]
     with _LOCK:
-        return _MODELS.get((backend.name, _spec_key(spec), _frozen(backend.take(options))))
+        return _MODELS.get(key)
+
+
+def _resolve(spec: Any, options: dict[str, Any]) -> tuple[_Backend, dict[str, Any], Hashable]:
+    """The backend that claims ``spec``, the options it takes, and the registry key."""
+    backend = next(b for b in _BACKENDS if b.claims(spec))
+    taken = backend.take(options)
+    return backend, taken, (backend.name, _spec_key(spec), _frozen(taken))
 
 
 def register_runtime(name: str, serve: Callable[[Any, bool], str | None]) -> None:
@@ -136,14 +141,11 @@ def _on_runtime(
     becomes the URL of a llama.cpp server started for it (a server URL stays as it is)."""
     options = dict(options)
     runtime = options.pop("runtime", None) or _FALLBACK
-    if runtime == _FALLBACK or any(b.claims(spec) for b in _BACKENDS if b.name != _FALLBACK):
-        if runtime != _FALLBACK and runtime not in _RUNTIMES:
-            raise ValueError(f"runtime: expected one of {runtimes()}, got {runtime!r}")
-        return spec, options
-    serve = _RUNTIMES.get(runtime)
-    if serve is None:
+    if runtime != _FALLBACK and runtime not in _RUNTIMES:
         raise ValueError(f"runtime: expected one of {runtimes()}, got {runtime!r}")
-    return serve(spec, start), options
+    if runtime == _FALLBACK or any(b.claims(spec) for b in _BACKENDS if b.name != _FALLBACK):
+        return spec, options
+    return _RUNTIMES[runtime](spec, start), options
 
 
 def check_spec(value: Any, field: str, *, deep: bool = False) -> Any:
