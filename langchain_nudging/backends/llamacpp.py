@@ -126,6 +126,7 @@ class LlamaCppModel:
         #: Ids that are control tokens (their text is empty): none of them is answer text.
         self.stop_ids: set[int] = set()
         self._cuts_at_words: bool | None = None
+        self._control_ids: dict[str, int | None] = {}  # control_id's answers
         self._bos_ids = self.tokenize("", special=True)  # what the model puts first: its BOS
         self._bos = str(props.get("bos_token") or "") or None
         self._check_probabilities()
@@ -170,13 +171,22 @@ class LlamaCppModel:
             ids.extend(self._bos_ids)
         at = 0
         for start, end in controls:
-            marker = self.tokenize(prompt[start:end], parse=True)
-            if len(marker) != 1 or marker == self.tokenize(prompt[start:end]):
+            marker = self.control_id(prompt[start:end])
+            if marker is None:
                 continue  # not a control token of this model: the span stays text
             ids.extend(self.tokenize(prompt[at:start]))
-            ids.extend(marker)
+            ids.append(marker)
             at = end
         return ids, at
+
+    def control_id(self, text: str) -> int | None:
+        """The id of ``text`` if it is one control token of the model (parsed as one special
+        token, and not what the text is as text); asked of the server once per text."""
+        if text not in self._control_ids:
+            parsed = self.tokenize(text, parse=True)
+            one = len(parsed) == 1 and parsed != self.tokenize(text)
+            self._control_ids[text] = parsed[0] if one else None
+        return self._control_ids[text]
 
     def check_fits(self, ids: list[int]) -> None:
         if self.context_window is not None and len(ids) >= self.context_window:
@@ -742,9 +752,9 @@ class _ServerTemplate:
             )["tokens"]
         except (ServerError, KeyError, TypeError):
             return None
-        markers = [str(p["piece"]) for p in pieces if _is_control(model, str(p["piece"]))]
+        markers = [str(p["piece"]) for p in pieces if model.control_id(str(p["piece"])) is not None]
         for token in (props.get("bos_token"), props.get("eos_token")):
-            if token and _is_control(model, str(token)):
+            if token and model.control_id(str(token)) is not None:
                 markers.append(str(token))
         if not any(m in rendered for m in markers):
             return None
@@ -757,15 +767,6 @@ class _ServerTemplate:
         if tools is not None:
             body["tools"] = [dict(t) for t in tools]
         return str(self._model.client.post("/apply-template", body)["prompt"])
-
-
-def _is_control(model: LlamaCppModel, text: str) -> bool:
-    """Whether ``text`` is one control token of the model (parsed as one special token, and
-    not what the text is as text)."""
-    if not text or len(text) < 2:
-        return False
-    parsed = model.tokenize(text, parse=True)
-    return len(parsed) == 1 and parsed != model.tokenize(text)
 
 
 class UncachedModel:
