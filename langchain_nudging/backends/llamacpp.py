@@ -64,7 +64,7 @@ from .cached import (
     cuts_at_words,
     window_full,
 )
-from .http import ServerClient, ServerError, register_dialect
+from .http import ServerClient, ServerError, check_params, register_dialect, resumed
 
 #: Candidates asked for per constrained choice, in turn, until the grammar allows one.
 GRAMMAR_CANDIDATES = (32, 1024, 1 << 20)
@@ -621,76 +621,17 @@ class LlamaCppSession(CachedSession):
             text = self._tokens.detokenizer(ids).add(token_id)
             yield Token(text, top1, top2, token_id in self._model.stop_ids)
 
-    def _window(
-        self,
-        answer: str,
-        size: int,
-        min_prob: float | None,
-        first_given: bool,
-        stop: Sequence[str],
-    ) -> Iterator[Token]:
-        """Choices already made are taken as they are; the rest of the window is one
-        streamed completion (unconstrained) or one call per token (under a grammar)."""
-        ids = self._encoder.encode(answer)
-        path = list(ids)
-        matcher = self._matcher
-        grammar_path = matcher.answer_ids(answer) if matcher is not None else []
-        detokenizer = self._tokens.detokenizer(ids)
-        stops = StopFinder(stop, answer)
-        out: list[Token] = []
-        stream: Iterator[Choice] | None = None
-        retries = self._model.client.max_retries
-        try:
-            while True:
-                known = self._choices.known(path, {len(path)}) if stream is None else {}
-                if known:  # a choice made before (the peek given as ``first``, ...)
-                    choice = known[len(path)]
-                    self._choices_reused += 1
-                elif matcher is not None:
-                    choice = self._choose_after(path, {len(path): grammar_path})
-                else:
-                    if stream is None:
-                        stream = self._stream(path, max(1, size - len(out)))
-                    try:
-                        # Past its size (a character left open) a window asks token by token.
-                        choice = next(stream, None) or self._choose_after(path, {})
-                    except ServerError:
-                        if retries <= 0:
-                            raise
-                        # A connection lost mid-window: ask again from the last token read.
-                        retries -= 1
-                        stream = self._close(stream)
-                        continue
-                    self._choices.add(path, {len(path): choice})
-                token_id, top1, top2 = choice
-                ends = token_id in self._model.stop_ids
-                text = detokenizer.add(token_id)
-                out.append(Token(text, top1, top2, ends))
-                unsure = min_prob is not None and not confident(top1, min_prob)
-                low = unsure and not (len(out) == 1 and first_given)
-                yield out[-1]
-                if ends or low or stops.found(text) or window_full(out, size, detokenizer):
-                    return
-                path.append(token_id)
-                if matcher is not None:
-                    grammar_path.extend(matcher.answer_ids(text))
-        finally:
-            if stream is not None:
-                self._close(stream)
+    def _grammar_advance(self, grammar_path: list[int], token_id: int, text: str) -> None:
+        assert isinstance(self._matcher, _ByteMatcher)
+        grammar_path.extend(self._matcher.answer_ids(text))  # the byte matcher's ids
 
-    @staticmethod
-    def _close(stream: Iterator[Choice]) -> None:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-
-    def _stream(self, ids: list[int], n_predict: int) -> Iterator[Choice]:
+    def _stream(self, ids: list[int], size: int) -> Iterator[Choice]:
         """The choices of one streamed completion after ``ids``, as the server makes them;
         closing the iterator closes the connection (the server stops generating). With the
         model's ``window_chunk``, successive completions of that many tokens instead."""
         if self._model.window_chunk:
-            return self._chunks(ids, n_predict, self._model.window_chunk)
-        return self._streamed(ids, n_predict)
+            return self._chunks(ids, size, self._model.window_chunk)
+        return resumed(self._streamed, ids, size, self._model.client.max_retries)
 
     def _chunks(self, ids: list[int], n_predict: int, chunk: int) -> Iterator[Choice]:
         ids = list(ids)
@@ -856,7 +797,10 @@ class UncachedSession:
         pass
 
 
-def _build(client: ServerClient, *, slot_wait: float | None = None) -> LlamaCppModel:
+def _build(
+    client: ServerClient, params: Mapping[str, str], *, slot_wait: float | None = None
+) -> LlamaCppModel:
+    check_params(client.url, params, set())
     return LlamaCppModel(client, slot_wait=slot_wait)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import atexit
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from .http import ServerError
+from .http import ServerError, free_port
 
 START_TIMEOUT = 120.0  # seconds a server may take to load its model
 SLOT_CONTEXT = 4096  # tokens per slot
@@ -60,7 +59,7 @@ class LlamaCppServer:
     def __init__(self, gguf: str | os.PathLike[str], settings: ServerSettings | None = None):
         self.gguf = str(Path(gguf).resolve())
         self.settings = settings or ServerSettings()
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         threads = self.settings.threads or max(1, (os.cpu_count() or 2) // 2)
         config = {
@@ -179,9 +178,3 @@ def stop_servers() -> None:
 
 
 atexit.register(stop_servers)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

@@ -252,7 +252,8 @@ _LOAD_OPTIONS = frozenset(list(inspect.signature(load_model).parameters)[1:])
 register_backend(_FALLBACK, lambda spec: True, _transformers, options=_LOAD_OPTIONS)
 # Serving engines: any server URL; each engine's dialect is one module (llamacpp.py registers
 # itself with http.py when imported). Registered after the fallback: asked first.
-from . import http, llamacpp, llamacpp_runtime  # noqa: E402, F401
+from . import http, llamacpp, llamacpp_runtime, sglang, vllm, vllm_runtime  # noqa: E402, F401
 
 register_backend("server", http.is_server, http.server_model, options=http.SERVER_OPTIONS)
 register_runtime("llamacpp", llamacpp_runtime.serve_gguf)
+register_runtime("vllm", vllm_runtime.serve_folder)
