@@ -5,7 +5,7 @@ transport). The real servers are in integration_tests/test_llamacpp.py."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import llguidance
@@ -17,7 +17,9 @@ from langchain_nudging.backends.http import (
     ServerClient,
     ServerError,
     ServerSpec,
+    check_params,
     parse_server,
+    resumed,
     server_model,
 )
 from langchain_nudging.backends.llamacpp import LlamaCppModel, _ByteMatcher, _Bytes, _Slots
@@ -251,9 +253,17 @@ def test_an_unknown_runtime_is_refused_by_name() -> None:
     from langchain_nudging.backends.registry import text_model
 
     with pytest.raises(
-        ValueError, match=r"runtime: expected one of \('transformers', 'llamacpp'\)"
+        ValueError, match=r"runtime: expected one of \('transformers', 'llamacpp', 'vllm'\)"
     ):
-        text_model("bundled:gemma-3-270m", runtime="vllm")
+        text_model("bundled:gemma-3-270m", runtime="sglang")
+
+
+def test_the_vllm_runtime_serves_folders_and_bundled_ids_only(tmp_path: object) -> None:
+    from langchain_nudging.backends.vllm_runtime import folder_of
+
+    with pytest.raises(ValueError, match="serves a bundled id or a model folder"):
+        folder_of("org/some-model-not-here")
+    assert folder_of(tmp_path) == tmp_path
 
 
 def test_the_llamacpp_runtime_serves_gguf_files_and_bundled_ids_only(tmp_path: object) -> None:
@@ -263,3 +273,33 @@ def test_the_llamacpp_runtime_serves_gguf_files_and_bundled_ids_only(tmp_path: o
         gguf_of("org/some-model")
     with pytest.raises(ValueError, match="no GGUF file at"):
         gguf_of("/nowhere/model.gguf")
+
+
+def test_a_stream_lost_midway_is_asked_again_from_the_last_token() -> None:
+    calls: list[tuple[list[int], int]] = []
+
+    def stream(ids: list[int], size: int) -> Iterator[tuple[int, float, float]]:
+        calls.append((list(ids), size))
+        for n in range(size):
+            if len(calls) == 1 and n == 2:
+                raise ServerError("connection reset")
+            yield (100 + len(ids) + n, 0.9, 0.1)
+
+    got = [c[0] for c in resumed(stream, [1, 2], 5, retries=1)]
+    assert got == [102, 103, 104, 105, 106]
+    assert calls == [([1, 2], 5), ([1, 2, 102, 103], 3)]
+
+    def broken(ids: list[int], size: int) -> Iterator[tuple[int, float, float]]:
+        raise ServerError("down")
+        yield (0, 0.0, 0.0)
+
+    with pytest.raises(ServerError, match="down"):
+        list(resumed(broken, [1], 3, retries=2))
+
+
+def test_unknown_server_parameters_are_refused_by_name() -> None:
+    check_params("http://h:1", {"tokenizer": "x"}, {"tokenizer", "model"})
+    with pytest.raises(ValueError, match=r"\['tokenizr'\].*model, tokenizer"):
+        check_params("http://h:1", {"tokenizr": "x"}, {"tokenizer", "model"})
+    with pytest.raises(ValueError, match="unknown server parameters"):
+        server_model("llamacpp+http://127.0.0.1:9?slot=1")

@@ -301,7 +301,7 @@ def resumed(
     ids = list(ids)
     while size > 0:
         try:
-            for choice in stream(ids, size):
+            for choice in stream(list(ids), size):
                 ids.append(choice[0])
                 size -= 1
                 yield choice
