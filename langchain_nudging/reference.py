@@ -17,9 +17,9 @@ from transformers import GenerationConfig
 
 from .algorithm import NudgingRun
 from .backends.base import SessionStats, Token
-from .backends.cached import CARRY_TOKENS, StopFinder, window_full
+from .backends.cached import CARRY_TOKENS, cut_window
 from .backends.hf import TokenChooser, TokenizerText
-from .config import NudgingConfig, SamplingConfig, confident
+from .config import NudgingConfig, SamplingConfig
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -117,21 +117,16 @@ class ReferenceSession:
         self._forward_passes += len(result.logits)
         self._tokens_processed += len(ids) + len(result.logits) - 1
         new = result.sequences[0, len(ids) :].tolist()
-        detokenizer = text.detokenizer(ids)
-        stops = StopFinder(stop, answer)
-        out: list[Token] = []
-        for k, (token_id, logits) in enumerate(zip(new, result.logits, strict=False)):
+        choices = []
+        for token_id, logits in zip(new, result.logits, strict=False):
             top = torch.topk(torch.softmax(logits[0].float(), dim=-1), 2).values.tolist()
-            token = Token(detokenizer.add(token_id), top[0], top[1], token_id in text.stop_ids)
-            if k == 0 and first is not None:
-                token = first
-            out.append(token)
-            low = min_prob is not None and not confident(token.top1_prob, min_prob)
-            if token.is_eos or (low and not (k == 0 and first is not None)):
-                break
-            if stops.found(token.text) or window_full(out, max_new_tokens, detokenizer):
-                break
-        return out
+            choices.append((token_id, top[0], top[1]))
+        detokenizer = text.detokenizer(ids)
+        return list(
+            cut_window(
+                choices, detokenizer, text.stop_ids, answer, max_new_tokens, min_prob, first, stop
+            )
+        )
 
     def count_tokens(self, text: str) -> int:
         return self._owner.text.count(text)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any, Protocol, TypeVar
 
@@ -58,6 +58,34 @@ def window_full(tokens: Sequence[Token], size: int, detokenizer: Detokenizing) -
     if len(tokens) < size:
         return False
     return not detokenizer.incomplete or len(tokens) >= size + CARRY_TOKENS
+
+
+def cut_window(
+    choices: Iterable[Choice],
+    detokenizer: Detokenizing,
+    stop_ids: AbstractSet[int],
+    answer: str,
+    size: int,
+    min_prob: float | None,
+    first: Token | None,
+    stop: Sequence[str],
+) -> Iterator[Token]:
+    """The tokens of a window cut from one completion of its longest length (``size`` plus
+    :data:`CARRY_TOKENS`), as an uncached oracle asks it: they end where a window made token
+    by token ends (an end of turn, an unsure token, a stop string, the size). ``first``, when
+    given, was decided already: it stands for the first choice and never stops the window."""
+    stops = StopFinder(stop, answer)
+    out: list[Token] = []
+    for k, (token_id, top1, top2) in enumerate(choices):
+        token = Token(detokenizer.add(token_id), top1, top2, token_id in stop_ids)
+        given = k == 0 and first is not None
+        out.append(first if given and first is not None else token)
+        yield out[-1]
+        low = min_prob is not None and not confident(out[-1].top1_prob, min_prob)
+        if out[-1].is_eos or (low and not given):
+            return
+        if stops.found(token.text) or window_full(out, size, detokenizer):
+            return
 
 
 class StopFinder:

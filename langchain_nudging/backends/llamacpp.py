@@ -42,7 +42,7 @@ from typing import Any
 
 import llguidance
 
-from ..config import SamplingConfig, confident
+from ..config import SamplingConfig
 from .base import (
     RUN_ALONE,
     Capabilities,
@@ -60,9 +60,8 @@ from .cached import (
     CachedSession,
     Choice,
     PromptEncoder,
-    StopFinder,
+    cut_window,
     cuts_at_words,
-    window_full,
 )
 from .http import ServerClient, ServerError, check_params, register_dialect, resumed
 
@@ -763,19 +762,16 @@ class UncachedSession:
     ) -> Iterator[Token]:
         ids = self._model.encode(self._prompt, answer)
         choices = self._complete(ids, max_new_tokens + CARRY_TOKENS)
-        detokenizer = _Bytes(self._model)
-        stops = StopFinder(stop, answer)
-        out: list[Token] = []
-        for k, (token_id, top1, top2) in enumerate(choices):
-            ends = token_id in self._model.stop_ids
-            token = Token(detokenizer.add(token_id), top1, top2, ends)
-            out.append(first if k == 0 and first is not None else token)
-            yield out[-1]
-            low = min_prob is not None and not confident(out[-1].top1_prob, min_prob)
-            if out[-1].is_eos or (low and not (k == 0 and first is not None)):
-                return
-            if stops.found(token.text) or window_full(out, max_new_tokens, detokenizer):
-                return
+        yield from cut_window(
+            choices,
+            _Bytes(self._model),
+            self._model.stop_ids,
+            answer,
+            max_new_tokens,
+            min_prob,
+            first,
+            stop,
+        )
 
     def count_tokens(self, text: str) -> int:
         return len(self._model.tokenize(text))

@@ -29,7 +29,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from ..config import SamplingConfig, confident
+from ..config import SamplingConfig
 from .base import (
     RUN_ALONE,
     Capabilities,
@@ -40,7 +40,7 @@ from .base import (
     TokenCount,
     Work,
 )
-from .cached import CARRY_TOKENS, CachedSession, Choice, StopFinder, window_full
+from .cached import CARRY_TOKENS, CachedSession, Choice, cut_window
 from .chat_template import template_of
 from .grammar import AnswerMatcher, GrammarTokenizer
 from .hf import TokenizerText
@@ -331,19 +331,11 @@ class UncachedSession:
         )
         self._calls += 1
         self._read += read[0]
-        detokenizer = self._model.text.detokenizer(ids)
-        stops = StopFinder(stop, answer)
-        out: list[Token] = []
-        for k, (token_id, top1, top2) in enumerate(choices):
-            ends = token_id in self._model.text.stop_ids
-            token = Token(detokenizer.add(token_id), top1, top2, ends)
-            out.append(first if k == 0 and first is not None else token)
-            yield out[-1]
-            low = min_prob is not None and not confident(out[-1].top1_prob, min_prob)
-            if out[-1].is_eos or (low and not (k == 0 and first is not None)):
-                return
-            if stops.found(token.text) or window_full(out, max_new_tokens, detokenizer):
-                return
+        text = self._model.text
+        detokenizer = text.detokenizer(ids)
+        yield from cut_window(
+            choices, detokenizer, text.stop_ids, answer, max_new_tokens, min_prob, first, stop
+        )
 
     def count_tokens(self, text: str) -> int:
         return self._model.text.count(text)
