@@ -303,3 +303,12 @@ def test_unknown_server_parameters_are_refused_by_name() -> None:
         check_params("http://h:1", {"tokenizr": "x"}, {"tokenizer", "model"})
     with pytest.raises(ValueError, match="unknown server parameters"):
         server_model("llamacpp+http://127.0.0.1:9?slot=1")
+
+
+def test_the_chat_model_offers_every_runtime() -> None:
+    from typing import get_args
+
+    from langchain_nudging import NudgedChatModel
+    from langchain_nudging.backends.registry import runtimes
+
+    assert get_args(NudgedChatModel.model_fields["runtime"].annotation) == runtimes()

@@ -16,12 +16,15 @@ import json
 import os
 import random
 import socket
+import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -330,3 +333,86 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+class ServerStartError(ServerError):
+    """A server this process runs itself did not start."""
+
+
+class ChildServer:
+    """A server this process runs in a child process, on 127.0.0.1 at :attr:`port` (a
+    runtime's: llamacpp_runtime.py, vllm_runtime.py). Its output goes to a temporary log file
+    (a pipe nobody reads would fill and stop the server); :meth:`wait_ready` returns once
+    ``/health`` answers; :meth:`stop` ends it."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what  # "the llama.cpp server for X", for messages
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open for the server's life
+            prefix="server-", suffix=".log", delete=False
+        )
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(
+        self, command: Sequence[str], env: Mapping[str, str] | None = None, stdin: Any = None
+    ) -> None:
+        self._process = subprocess.Popen(
+            list(command),
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
+        )
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        assert self._process is not None, "start() first"
+        return self._process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int = 800) -> str:
+        """The end of the server's log."""
+        return Path(self.log.name).read_text(errors="replace")[-chars:].strip()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Return once ``/health`` answers 200; raise :class:`ServerStartError` with the end of
+        the log when the server exits or does not answer within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(
+                    f"{self.what} exited at start (code {self.process.returncode}): "
+                    f"{self.log_tail()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2.0, trust_env=False).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        tail = self.log_tail()
+        self.stop()
+        raise ServerStartError(f"{self.what} did not answer within {timeout:g} s: {tail}")
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout)
+        if process is not None and process.stdin is not None:
+            process.stdin.close()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)

@@ -20,24 +20,16 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from .http import ServerError, free_port
+from .http import ChildServer
 
 START_TIMEOUT = 120.0  # seconds a server may take to load its model
 SLOT_CONTEXT = 4096  # tokens per slot
 PARALLEL = 4  # slots per server
-
-
-class RuntimeStartError(ServerError):
-    """A llama.cpp server of this process's own did not start."""
 
 
 @dataclass(frozen=True)
@@ -53,14 +45,13 @@ class ServerSettings:
     cache_ram_mib: int | None = None
 
 
-class LlamaCppServer:
+class LlamaCppServer(ChildServer):
     """One llama.cpp server in a child process: :attr:`url` once started; :meth:`stop`."""
 
     def __init__(self, gguf: str | os.PathLike[str], settings: ServerSettings | None = None):
         self.gguf = str(Path(gguf).resolve())
+        super().__init__(f"the llama.cpp server for {self.gguf}")
         self.settings = settings or ServerSettings()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         threads = self.settings.threads or max(1, (os.cpu_count() or 2) // 2)
         config = {
             "gguf": self.gguf,
@@ -71,64 +62,13 @@ class LlamaCppServer:
             "ubatch": self.settings.ubatch,
             "cache_ram_mib": self.settings.cache_ram_mib,
         }
-        # The server's log goes to a file: a pipe nobody reads would fill and stop the server.
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open for the server's life
-            prefix="llamacpp-", suffix=".log", delete=False
-        )
-        self._process = subprocess.Popen(
-            # A script, not a module of the package: the child imports only xllamacpp.
-            [sys.executable, str(_CHILD), json.dumps(config)],
-            stdin=subprocess.PIPE,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        self._wait_ready()
-
-    def log_tail(self, chars: int = 600) -> str:
-        """The end of the server's log."""
-        return Path(self.log.name).read_text(errors="replace")[-chars:].strip()
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                error = (
-                    self._process.stderr.read().decode(errors="replace")
-                    if self._process.stderr
-                    else ""
-                )
-                raise RuntimeStartError(
-                    f"the llama.cpp server for {self.gguf} exited at start "
-                    f"(code {self._process.returncode}): {error.strip()[-600:]}"
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0, trust_env=False).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeStartError(
-            f"the llama.cpp server for {self.gguf} did not answer within {START_TIMEOUT:g} s"
-        )
-
-    @property
-    def running(self) -> bool:
-        return self._process.poll() is None
+        # A script, not a module of the package: the child imports only xllamacpp. It exits
+        # when its stdin (a pipe this process holds) closes.
+        self.start([sys.executable, str(_CHILD), json.dumps(config)], stdin=subprocess.PIPE)
+        self.wait_ready(START_TIMEOUT)
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout)
-        if self._process.stdin is not None:
-            self._process.stdin.close()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        super().stop(timeout)
 
 
 _CHILD = Path(__file__).with_name("_llamacpp_child.py")

@@ -20,25 +20,17 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from .http import ServerError, free_port
+from .http import ChildServer, ServerStartError
 
 START_TIMEOUT = 600.0  # seconds: a CPU server takes about a minute, longer on a busy machine
 PYTHON_ENV = "LANGCHAIN_NUDGING_VLLM_PYTHON"
 VLLM_VERSION = "0.32.0"
-
-
-class VLLMStartError(ServerError):
-    """A vLLM server of this process's own did not start."""
 
 
 def vllm_python() -> str:
@@ -53,7 +45,7 @@ def vllm_python() -> str:
         return str(built)
     if shutil.which(sys.executable) and _imports_vllm(sys.executable):
         return sys.executable
-    raise VLLMStartError(
+    raise ServerStartError(
         f"no Python with vLLM found: set ${PYTHON_ENV} to one, or run `make vllm` (it builds "
         f"one under {built.parent.parent})"
     )
@@ -80,7 +72,7 @@ class VLLMSettings:
     extra_args: Sequence[str] = field(default_factory=tuple)
 
 
-class VLLMServer:
+class VLLMServer(ChildServer):
     """One vLLM server in a child process: :attr:`url` once started; :meth:`stop`."""
 
     def __init__(
@@ -92,11 +84,9 @@ class VLLMServer:
         wait: bool = True,
     ) -> None:
         self.folder = str(Path(folder).resolve())
-        self.settings = settings or VLLMSettings()
+        super().__init__(f"the vLLM server for {self.folder}")
+        self.settings = s = settings or VLLMSettings()
         self.name = name or Path(self.folder).name
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        s = self.settings
         command = [
             vllm_python(),
             "-m",
@@ -134,59 +124,12 @@ class VLLMServer:
         }
         if s.threads:
             env["OMP_NUM_THREADS"] = str(s.threads)
-        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115 - open for the server's life
-            prefix="vllm-", suffix=".log", delete=False
-        )
-        self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT, env=env
-        )
+        self.start(command, env)
         if wait:
             self.wait_ready()
 
-    def log_tail(self, chars: int = 800) -> str:
-        return Path(self.log.name).read_text(errors="replace")[-chars:].strip()
-
     def wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Return once ``/health`` answers; raise :class:`VLLMStartError` with the log's end
-        when the server exits or does not answer within ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise VLLMStartError(
-                    f"the vLLM server for {self.folder} exited at start (code "
-                    f"{self._process.returncode}): {self.log_tail()}"
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2.0, trust_env=False).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        tail = self.log_tail()
-        self.stop()
-        raise VLLMStartError(
-            f"the vLLM server for {self.folder} did not answer within {timeout:g} s: {tail}"
-        )
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    @property
-    def running(self) -> bool:
-        return self._process.poll() is None
-
-    def stop(self, timeout: float = 20.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL after ``timeout`` seconds)."""
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout)
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+        super().wait_ready(timeout)
 
 
 _SERVERS: dict[str, VLLMServer] = {}

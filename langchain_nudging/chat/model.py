@@ -194,10 +194,11 @@ class NudgedChatModel(_WithKnobs):
     ``$LANGCHAIN_NUDGING_API_KEY``, if set). Unused by local models."""
 
     # -- loading (options of the factory: validated when the models load) ---------------------
-    runtime: Literal["transformers", "llamacpp"] = "transformers"
-    """Where a bundled or ``.gguf`` model runs: ``"transformers"`` in this process, or
-    ``"llamacpp"`` on a llama.cpp server this process starts on loopback (docs/servers.md). A
-    server URL (``http://host:port``) given as a model runs on that server either way."""
+    runtime: Literal["transformers", "llamacpp", "vllm"] = "transformers"
+    """Where a bundled model (or a ``.gguf`` file, or a model folder) runs: ``"transformers"``
+    in this process, ``"llamacpp"`` on a llama.cpp server this process starts on loopback, or
+    ``"vllm"`` on a vLLM server it starts (vLLM in a venv of its own: ``make vllm``;
+    docs/servers.md). A server URL given as a model runs on that server either way."""
     device: str | None = None
     """Torch device for both models; ``None``: CUDA when available, else CPU."""
     device_map: str | dict[str, Any] | None = None
