@@ -312,3 +312,18 @@ def test_the_chat_model_offers_every_runtime() -> None:
     from langchain_nudging.backends.registry import runtimes
 
     assert get_args(NudgedChatModel.model_fields["runtime"].annotation) == runtimes()
+
+
+def test_a_server_that_exits_at_start_reports_its_log() -> None:
+    import sys
+
+    from langchain_nudging.backends.http import ChildServer, ServerStartError
+
+    server = ChildServer("a test server")
+    server.start([sys.executable, "-c", "import sys; print('no model here'); sys.exit(3)"])
+    with pytest.raises(
+        ServerStartError, match=r"a test server exited at start \(code 3\): no model here"
+    ):
+        server.wait_ready(30)
+    server.stop()
+    assert not server.running
