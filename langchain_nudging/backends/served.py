@@ -243,13 +243,12 @@ class TokenServerSession(CachedSession):
     def _constrained(self, ids: list[int], grammar_ids: list[int]) -> Choice:
         assert isinstance(self._matcher, AnswerMatcher)
         mask = self._matcher.allowed(grammar_ids)
-        allowed = mask.nonzero().flatten().tolist()
-        if len(allowed) <= RESTRICT_AT_ONCE and self._model.raw_when_restricted:
-            return self._ask([ids], allowed)[0]
+        if int(mask.sum()) <= RESTRICT_AT_ONCE and self._model.raw_when_restricted:
+            return self._ask([ids], mask.nonzero().flatten().tolist())[0]
         free = self._ask([ids])[0]
         if free[0] < mask.shape[0] and bool(mask[free[0]]):
             return free
-        token_id = self._ask([ids], allowed)[0][0]
+        token_id = self._ask([ids], mask.nonzero().flatten().tolist())[0][0]
         return token_id, free[1], free[2]
 
     def _stream(self, ids: list[int], size: int) -> Iterator[Choice]:
