@@ -84,11 +84,25 @@ vllm-tier: $(VENV)/.installed-test $(VLLM_VENV)/.installed
 	LANGCHAIN_NUDGING_VLLM_PYTHON=$(VLLM_VENV)/bin/python \
 		$(BIN)/python -m pytest integration_tests/test_vllm.py
 
-test: lint unit integration vllm-tier
+# Every tier, each timed. vLLM's venv (mostly downloads) builds in the background meanwhile;
+# its log is vllm-build.log. The vLLM tier runs last, alone on the cores.
+test:
+	@$(MAKE) --no-print-directory vllm > vllm-build.log 2>&1 & build=$$!; \
+	for tier in lint unit integration; do \
+		start=$$(date +%s); \
+		$(MAKE) --no-print-directory $$tier || { kill $$build 2>/dev/null; exit 1; }; \
+		echo "== $$tier: $$(( $$(date +%s) - start )) s"; \
+	done; \
+	start=$$(date +%s); \
+	wait $$build || { tail -n 40 vllm-build.log; exit 1; }; \
+	echo "== vllm venv (after the other tiers): $$(( $$(date +%s) - start )) s more"; \
+	start=$$(date +%s); \
+	$(MAKE) --no-print-directory vllm-tier || exit 1; \
+	echo "== vllm-tier: $$(( $$(date +%s) - start )) s"
 
 # Long runs kept out of `make test` (e.g. the Gemma GGUF-vs-converted logits check).
 slow: $(VENV)/.installed-test
 	$(BIN)/python -m pytest integration_tests -m slow
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache eval-out
+	rm -rf $(VENV) .pytest_cache .ruff_cache eval-out vllm-build.log

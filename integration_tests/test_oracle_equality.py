@@ -8,8 +8,13 @@
   texts the oracle writes.
 
 What is compared is the text the library *streamed* (the join of its segments, as a consumer
-sees them) and its finish reason, against each oracle's own text and finish reason. Every
-answer is computed once (module fixture ``answers``). A prompt whose answers differ passes
+sees them) and its finish reason, against an oracle's own text and finish reason. Both oracles
+re-read the whole prompt for every decision, so each answers half of the ten prompts
+(``ORACLE_OF``): the independent one the prompts that exercise the documented rules most
+(lists, blank lines, a system turn, a prefilled answer), the reference the ones that exercise
+caching most (long and multi-turn prompts, characters split across tokens); tests/test_oracle.py
+runs both on every prompt of its set with tiny models. Every answer is computed once (module
+fixture ``answers``). A prompt whose answers differ passes
 only when the difference is explained by a numeric near-tie: a decision, made before the first
 differing character, whose top-2 probability gap is below 1e-4 or whose top-1 probability is
 within 1e-4 of gamma. Near-ties are reported (a warning each) and counted: at most
@@ -35,8 +40,8 @@ from langchain_nudging.serving.engine import NudgingEngine
 from langchain_nudging.serving.events import Finished, SegmentEvent
 
 NEAR_TIE = 1e-4
-MAX_NEAR_TIES = 2  # of the ten prompts, in any one comparison
-# The fixture answers every prompt with the library and both oracles: about 12 minutes on two
+MAX_NEAR_TIES = 2  # of the prompts, in any one comparison
+# The fixture answers every prompt with the library and one oracle: about 6 minutes on two
 # cores (the oracles re-read the whole prompt for every question).
 pytestmark = pytest.mark.timeout(1800)
 U, A, S = "user", "assistant", "system"
@@ -71,17 +76,33 @@ PROMPTS: dict[str, list[ChatMessage]] = {
     "howto": [ChatMessage(U, "How do I make a cup of green tea?")],
 }
 CONFIG = NudgingConfig(max_tokens=64)
+INDEPENDENT = ("open", "list", "blank_lines", "system", "prefill")
+ORACLE_OF = {name: "independent" if name in INDEPENDENT else "reference" for name in PROMPTS}
 
 Outcome = tuple[str, str | None]  # (text, finish reason)
 
 
 @dataclass
 class Answers:
-    """One prompt's answers: the library's stream (one request at a time) and both oracles'."""
+    """One prompt's answers: the library's stream (one request at a time) and its oracle's."""
 
     streamed: Outcome
-    independent: OracleResult
-    reference: NudgingRun
+    independent: OracleResult | None = None
+    reference: NudgingRun | None = None
+
+    @property
+    def oracle(self) -> Outcome:
+        if self.independent is not None:
+            return self.independent.text, self.independent.finish_reason
+        assert self.reference is not None
+        return self.reference.text, self.reference.finish_reason
+
+    def ties(self, got: str) -> list[str]:
+        """Near-tie decisions the oracle made before ``got`` differs from its text."""
+        if self.independent is not None:
+            return independent_ties(self.independent, first_difference(got, self.oracle[0]))
+        assert self.reference is not None
+        return reference_ties(self.reference)
 
 
 def near_tie(p1: float, p2: float) -> bool:
@@ -114,32 +135,33 @@ def reference_ties(run: NudgingRun) -> list[str]:
 
 @pytest.fixture(scope="module")
 def answers(pair: NudgingPair) -> dict[str, Answers]:
-    """Every prompt once through the library and both oracles (the tier's cost: printed)."""
+    """Every prompt once through the library and its oracle (the tier's cost: printed)."""
     # The bundled pair's models are the transformers backend's (LocalModel.loaded).
     base, nudging = pair.base.loaded, pair.nudging.loaded  # type: ignore[attr-defined]
     refs = ReferenceModel(base), ReferenceModel(nudging)
     out: dict[str, Answers] = {}
     start = time.perf_counter()
     for name, messages in PROMPTS.items():
-        seconds: dict[str, float] = {}
         clock = time.perf_counter()
         generation = pair.generate(Request(messages, CONFIG))
-        streamed = "".join(segment.text for segment in generation)
-        seconds["library"] = time.perf_counter() - clock
+        answer = Answers(("".join(s.text for s in generation), generation.stats.finish_reason))
+        library = time.perf_counter() - clock
         # The prompts, the request's own stop strings and the transcript's turn markers, as
         # render_prompts gives them: the oracles read nothing the algorithm computed.
         prompts = render_prompts(messages, pair.nudging.chat_template, pair.base_format)
         clock = time.perf_counter()
-        independent = independent_nudge(
-            base, nudging, prompts.base, prompts.nudging, CONFIG, markers=prompts.stop
-        )
-        seconds["independent"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        reference = reference_nudge(*refs, prompts.base, prompts.nudging, CONFIG, prompts.stop)
-        seconds["reference"] = time.perf_counter() - clock
-        out[name] = Answers((streamed, generation.stats.finish_reason), independent, reference)
-        print(f"{name}: " + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()))
-    print(f"all prompts, library and both oracles: {time.perf_counter() - start:.0f}s")
+        if ORACLE_OF[name] == "independent":
+            answer.independent = independent_nudge(
+                base, nudging, prompts.base, prompts.nudging, CONFIG, markers=prompts.stop
+            )
+        else:
+            answer.reference = reference_nudge(
+                *refs, prompts.base, prompts.nudging, CONFIG, prompts.stop
+            )
+        out[name] = answer
+        oracle = time.perf_counter() - clock
+        print(f"{name}: library {library:.1f}s, {ORACLE_OF[name]} oracle {oracle:.1f}s")
+    print(f"all prompts, library and oracles: {time.perf_counter() - start:.0f}s")
     return out
 
 
@@ -160,34 +182,25 @@ def compare(name: str, got: Outcome, want: Outcome, ties: Iterable[str], what: s
     return False
 
 
-def check_all(equal: dict[str, bool]) -> None:
-    """Every prompt compared; at most ``MAX_NEAR_TIES`` differences explained by near-ties."""
-    assert set(equal) == set(PROMPTS)
+def check_all(equal: dict[str, bool], oracle: str | None = None) -> None:
+    """Every prompt (of ``oracle``'s) compared; at most ``MAX_NEAR_TIES`` differences explained
+    by near-ties."""
+    assert set(equal) == {n for n in PROMPTS if oracle in (None, ORACLE_OF[n])}
     tied = sorted(name for name, same in equal.items() if not same)
     print(f"equal {len(equal) - len(tied)}/{len(equal)}; near-ties: {tied}")
     assert len(tied) <= MAX_NEAR_TIES, f"too many near-ties to compare: {tied}"
 
 
-def test_library_streams_what_the_independent_oracle_writes(answers: dict[str, Answers]) -> None:
+@pytest.mark.parametrize("oracle", ["independent", "reference"])
+def test_library_streams_what_the_oracle_writes(answers: dict[str, Answers], oracle: str) -> None:
     equal = {}
     for name, answer in answers.items():
+        if ORACLE_OF[name] != oracle:
+            continue
         assert answer.streamed[0], f"{name}: empty answer"
-        want = (answer.independent.text, answer.independent.finish_reason)
-        upto = first_difference(answer.streamed[0], want[0])
-        ties = independent_ties(answer.independent, upto)
-        equal[name] = compare(name, answer.streamed, want, ties, "library/oracle")
-    check_all(equal)
-
-
-def test_library_streams_what_the_uncached_reference_writes(
-    answers: dict[str, Answers],
-) -> None:
-    equal = {}
-    for name, answer in answers.items():
-        want = (answer.reference.text, answer.reference.finish_reason)
-        ties = reference_ties(answer.reference)
-        equal[name] = compare(name, answer.streamed, want, ties, "library/reference")
-    check_all(equal)
+        ties = answer.ties(answer.streamed[0])
+        equal[name] = compare(name, answer.streamed, answer.oracle, ties, f"library/{oracle}")
+    check_all(equal, oracle)
 
 
 def stream(events: Iterable[Any]) -> tuple[Outcome, Finished]:
@@ -223,7 +236,5 @@ def test_concurrent_requests_stream_what_the_oracle_writes(
     for name, answer in answers.items():
         got, end = streamed[name]
         assert end.text == got[0], f"{name}: the end's text is not what was streamed"
-        want = (answer.independent.text, answer.independent.finish_reason)
-        ties = independent_ties(answer.independent, first_difference(got[0], want[0]))
-        equal[name] = compare(name, got, want, ties, "engine/oracle")
+        equal[name] = compare(name, got, answer.oracle, answer.ties(got[0]), "engine/oracle")
     check_all(equal)
