@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from langchain_nudging.request import Request
 pytestmark = pytest.mark.timeout(600)
 
 
-def nudging(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def nudging(*args: str, timeout: float = 600, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "langchain_nudging", *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -34,7 +36,7 @@ def nudging(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str
 
 def test_chat_json_segments_add_up(pair: NudgingPair) -> None:
     question = "Give me three tips for staying healthy."
-    done = nudging("chat", "--json", "--max-tokens", "32", question)
+    done = nudging("chat", "--json", "--max-tokens", "32", stdin=question + "\n")  # piped
     assert done.returncode == 0, done.stderr
     payload = json.loads(done.stdout)
     assert set(payload) >= {"text", "segments", "stats"}
@@ -46,7 +48,7 @@ def test_chat_json_segments_add_up(pair: NudgingPair) -> None:
     assert 0 < stats["nudged_share"] < 1
     # The command and the library give the same greedy answer.
     same = pair.generate(Request([ChatMessage("user", question)], NudgingConfig(max_tokens=32)))
-    assert "".join(s.text for s in same) == payload["text"]
+    assert "".join(s.text for s in same) == payload["text"]  # the piped question was asked
 
 
 def test_chat_marks_nudged_words_and_prints_a_summary() -> None:
@@ -55,8 +57,9 @@ def test_chat_marks_nudged_words_and_prints_a_summary() -> None:
     assert OPEN_MARK in done.stdout
     assert CLOSE_MARK in done.stdout
     assert "nudged" in done.stderr
-    assert "rounds" in done.stderr
+    assert re.search(r"\b\d+ rounds? ·", done.stderr)
     assert "finish:" in done.stderr
+    assert "Loading weights" not in done.stderr  # transformers' progress bars are hidden
 
 
 @pytest.mark.parametrize(
@@ -81,6 +84,27 @@ def test_not_a_gguf_file(tmp_path) -> None:
     done = nudging("chat", "--nudging", str(fake), "hello", timeout=120)
     assert done.returncode == 2
     assert "GGUF" in done.stderr
+
+
+def test_a_truncated_gguf_file_fails_before_anything_converts(tmp_path) -> None:
+    """A fresh cache would convert the bundled base first (a minute); the truncated nudging
+    model is reported at once, by name and sizes."""
+    from langchain_nudging.backends.registry import BUNDLED_NUDGING_ID
+    from langchain_nudging.models.bundled import bundled_gguf
+
+    real = bundled_gguf(BUNDLED_NUDGING_ID)
+    part = tmp_path / real.name
+    with real.open("rb") as whole, part.open("wb") as out:
+        out.write(whole.read(real.stat().st_size // 2))
+    cache = tmp_path / "fresh-cache"
+    done = nudging("chat", "--cache-dir", str(cache), "--nudging", str(part), "hi", timeout=120)
+    assert done.returncode == 2
+    message = " ".join(done.stderr.split())
+    assert "truncated" in message
+    assert str(part) in message
+    assert f"{part.stat().st_size:,} bytes" in message
+    assert "Traceback" not in done.stderr
+    assert not cache.exists()  # nothing was converted
 
 
 def test_compare_shows_the_three_modes_side_by_side() -> None:
@@ -149,14 +173,17 @@ def test_interactive_chat_keeps_the_conversation_and_ctrl_c_cancels_one_answer()
     terminal = Terminal("chat", "--max-tokens", "24")
     try:
         terminal.wait_for(terminal.out, "you>")
+        terminal.process.send_signal(signal.SIGINT)  # Ctrl-C at the prompt: a new prompt
+        terminal.wait_for(terminal.err, "conversation is kept")
+        terminal.wait_for(terminal.out, "you>", count=2)
         terminal.type("Tell me a story about a dragon.")
         terminal.wait_for(terminal.out, OPEN_MARK)  # the answer is streaming
         terminal.process.send_signal(signal.SIGINT)
         terminal.wait_for(terminal.err, "[answer cancelled]")
-        terminal.wait_for(terminal.out, "you>", count=2)
+        terminal.wait_for(terminal.out, "you>", count=3)
         terminal.type("What is the capital of France?")
         terminal.wait_for(terminal.err, "finish:")
-        terminal.wait_for(terminal.out, "you>", count=3)
+        terminal.wait_for(terminal.out, "you>", count=4)
         terminal.type("/history")
         terminal.wait_for(terminal.out, "assistant:")
         os.write(terminal.master, b"\x04")  # Ctrl-D
@@ -168,4 +195,6 @@ def test_interactive_chat_keeps_the_conversation_and_ctrl_c_cancels_one_answer()
     out = terminal.out.decode()
     history = out[out.rindex("you>", 0, out.index("assistant:")) :]
     assert "user: What is the capital of France?" in history
-    assert "dragon" not in history  # the cancelled exchange was dropped
+    # The cancelled exchange is shown, marked, before the answered one.
+    assert "user: Tell me a story about a dragon.\nassistant [answer cancelled]:" in history
+    assert history.index("dragon") < history.index("France")

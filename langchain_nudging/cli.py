@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,13 +21,14 @@ from rich.table import Table
 from rich.text import Text
 
 from .algorithm import Segment
-from .backends.http import API_KEY_ENV, ServerError
+from .backends.http import API_KEY_ENV, DEFAULT_RETRIES, DEFAULT_TIMEOUT, ServerError
 from .backends.registry import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, check_spec, runtimes
 from .config import ALGORITHM_KNOBS, SAMPLING_KNOBS, NudgingConfig, SamplingConfig
 from .evaluation.runner import EvalSettings, run_eval, run_identity
 from .evaluation.scoring import ScoringSetupError
 from .evaluation.tasks import DATA_ENV_VAR, TASKS
 from .models import ModelLoadError, resolve_device, resolve_dtype
+from .models.gguf import _transformers_bars
 from .prompts import ChatMessage
 from .request import Mode, Request
 from .serving.engine import NudgingEngine
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "question",
         nargs="?",
         default=None,
-        help="the question; without one, an interactive chat on a terminal, else a default",
+        help="the question; without one, the question is read from standard input when that is "
+        "not a terminal (a pipe or a file), else an interactive chat starts (with --json: "
+        f"{DEFAULT_QUESTION!r})",
     )
     add_model_options(chat)
     nudging = chat.add_argument_group("nudging")
@@ -97,13 +101,36 @@ def add_knob_options(group: argparse._ArgumentGroup, knobs: dict[str, FieldInfo]
     range is checked where the config is built, naming the flag)."""
     for name, info in knobs.items():
         description = (info.description or "").replace("%", "%%")
+        bounds = value_range(info)
+        stated = bounds is None or re.search(r"\bin [\[(]|>=|must be", description)
         group.add_argument(
             flag(name),
             dest=name,
             type=_value_type(info),
             default=info.default,
-            help=f"{description} (default: %(default)s)",
+            help=f"{description} ({'' if stated else f'{bounds}; '}default: "
+            f"{'%(default)s' if info.default is not None else 'none'})",
         )
+
+
+def value_range(info: FieldInfo) -> str | None:
+    """A field's range as its constraints declare it: ``in [0, 1]``, ``>= 1``, ... or ``None``."""
+    low = high = None
+    for item in info.metadata:
+        for bracket, attribute in (("[", "ge"), ("(", "gt")):
+            if getattr(item, attribute, None) is not None:
+                low = (bracket, getattr(item, attribute))
+        for bracket, attribute in (("]", "le"), (")", "lt")):
+            if getattr(item, attribute, None) is not None:
+                high = (bracket, getattr(item, attribute))
+    if low and high:
+        top = "2**64 - 1" if high[1] == 2**64 - 1 else f"{high[1]:g}"
+        return f"in {low[0]}{low[1]:g}, {top}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]:g}"
+    if high:
+        return f"{'<=' if high[0] == ']' else '<'} {high[1]:g}"
+    return None
 
 
 def _value_type(info: FieldInfo) -> Callable[[str], Any]:
@@ -138,19 +165,24 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--server-timeout",
         type=float,
         default=None,
-        help="seconds a call to a server may wait (default: 60)",
+        help=f"seconds a call to a server may wait, > 0 (default: {DEFAULT_TIMEOUT:g})",
     )
     models.add_argument(
         "--max-retries",
         type=int,
         default=None,
-        help="retries of a failed server call, with backoff (default: 2)",
+        help=f"retries of a failed server call, with backoff, >= 0 (default: {DEFAULT_RETRIES})",
     )
     models.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16")
     models.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: auto)")
     models.add_argument("--device-map", default=None, help="accelerate device_map, e.g. auto")
     models.add_argument("--trust-remote-code", action="store_true")
     models.add_argument("--cache-dir", default=None, help="where converted GGUF models live")
+    models.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the libraries' own progress bars while models load (hidden by default)",
+    )
 
 
 def _listed(kind: Callable[[str], object]) -> Callable[[str], list[object]]:
@@ -183,18 +215,35 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
         default=["base", "nudging", "nudged"],
         help="comma-separated, of base, nudging, nudged (default: all three)",
     )
-    evaluate.add_argument("--limit", type=int, default=None, help="examples per task (a sample)")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    settings = EvalSettings.model_fields
+    evaluate.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help=f"examples per task, a sample, {value_range(settings['limit'])} (default: all)",
+    )
+    evaluate.add_argument(
+        "--seed",
+        type=int,
+        default=settings["seed"].default,
+        help=f"seed of the sample, {value_range(settings['seed'])} (default: %(default)s)",
+    )
+    gamma = NudgingConfig.model_fields["gamma"]
     evaluate.add_argument(
         "--gamma",
         nargs="+",
         type=_listed(float),
-        default=[[NudgingConfig.model_fields["gamma"].default]],
-        help="the nudged pair's gamma; several values run a sweep",
+        default=[[gamma.default]],
+        help=f"the nudged pair's gamma, {value_range(gamma)}; several values (space- or "
+        f"comma-separated) run a sweep (default: {gamma.default})",
     )
     add_knob_options(evaluate.add_argument_group("nudging"), EVAL_KNOBS)
     evaluate.add_argument(
-        "--concurrency", type=int, default=4, help="answers in flight at once (default 4)"
+        "--concurrency",
+        type=int,
+        default=settings["concurrency"].default,
+        help=f"answers in flight at once, {value_range(settings['concurrency'])} "
+        "(default: %(default)s)",
     )
     evaluate.add_argument(
         "--data",
@@ -202,7 +251,9 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
         help=f"folder of task files (default: ${DATA_ENV_VAR}; without one, the Hugging Face "
         "hub through the `datasets` package)",
     )
-    evaluate.add_argument("--out", default="nudging-eval", help="output folder (%(default)s)")
+    evaluate.add_argument(
+        "--out", default="nudging-eval", help="output folder (default: %(default)s)"
+    )
     evaluate.add_argument(
         "--report",
         default=None,
@@ -268,12 +319,18 @@ def load_pair(args: argparse.Namespace) -> NudgingPair:
     return NudgingPair.load(args.base, args.nudging, **options)
 
 
+def plural(count: int, noun: str) -> str:
+    """``1 word``, ``2 words``, ``0 words``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def summary(stats: GenerationStats) -> str:
     total = stats.base_tokens + stats.nudge_tokens
     speed = total / stats.wall_time if stats.wall_time else 0.0
     return (
-        f"{total} tokens · {stats.nudged_share:.0%} nudged ({stats.nudge_tokens} tokens, "
-        f"{stats.nudge_words} words) · {stats.rounds} rounds · {stats.wall_time:.1f} s · "
+        f"{plural(total, 'token')} · {stats.nudged_share:.0%} nudged "
+        f"({plural(stats.nudge_tokens, 'token')}, {plural(stats.nudge_words, 'word')}) · "
+        f"{plural(stats.rounds, 'round')} · {stats.wall_time:.1f} s · "
         f"{speed:.1f} tokens/s · finish: {stats.finish_reason}"
     )
 
@@ -297,27 +354,33 @@ def as_json(finished: Finished) -> dict[str, object]:
     }
 
 
-def stream(handle: RequestHandle, console: Console, errors: Console, marks: str) -> Finished | None:
-    """Print one answer as it is produced; Ctrl-C cancels it. Returns its end, or ``None``
-    when it was cancelled."""
-    finished = None
+CANCELLED = "[answer cancelled]"
+
+
+def stream(
+    handle: RequestHandle, console: Console, errors: Console, marks: str, cancelled: str = ""
+) -> Shown:
+    """Print one answer as it is produced; Ctrl-C cancels it. Returns what was shown: its
+    ``finished`` is ``None`` when it was cancelled (then ``cancelled`` follows the notice)."""
+    shown = Shown()
     try:
         for event in handle:
             if isinstance(event, SegmentEvent):
+                shown.segments.append(event.segment)
                 console.print(styled(event.segment, marks), end="")
             elif isinstance(event, Failed):
                 raise event.error
             else:
-                finished = event
+                shown.finished = event
     except KeyboardInterrupt:
         handle.cancel()
         console.print()
-        errors.print(Text("[answer cancelled]", style="dim"))
-        return None
-    assert finished is not None  # the events end with Finished or Failed
+        errors.print(Text(CANCELLED + cancelled, style="dim"))
+        return shown
+    assert shown.finished is not None  # the events end with Finished or Failed
     console.print()
-    errors.print(Text(summary(finished.stats), style="dim"))
-    return finished
+    errors.print(Text(summary(shown.finished.stats), style="dim"))
+    return shown
 
 
 MODES: dict[Mode, str] = {
@@ -333,6 +396,10 @@ class Shown:
 
     segments: list[Segment] = field(default_factory=list)
     finished: Finished | None = None
+
+    @property
+    def text(self) -> str:
+        return "".join(segment.text for segment in self.segments)
 
     async def read(self, handle: RequestHandle) -> None:
         async for event in handle:
@@ -394,6 +461,35 @@ def run_compare(
     return {mode: answer.finished for mode, answer in shown.items() if answer.finished}
 
 
+#: The interactive chat's commands and what each does.
+COMMANDS = {
+    "/help": "list these commands",
+    "/history": "show the conversation, cancelled answers marked",
+    "/reset": "forget the conversation (a --system prompt stays)",
+    "/exit": "leave (also /quit or Ctrl-D)",
+}
+COMMAND_WORD = re.compile(r"/[A-Za-z][\w-]*")  # `/usr/bin ...` is a question, `/hepl` a typo
+CHAT_HINT = "Ctrl-C cancels an answer, Ctrl-D or /exit leaves, /help lists the commands."
+
+
+@dataclass
+class Turn:
+    """One question and its answer; a cancelled answer is kept to show, never sent again."""
+
+    question: str
+    answer: str
+    cancelled: bool = False
+
+
+def conversation(system: str | None, turns: list[Turn]) -> list[ChatMessage]:
+    """The messages the models read: the system prompt and every answered turn."""
+    messages = [ChatMessage("system", system)] if system else []
+    for turn in turns:
+        if not turn.cancelled:
+            messages += [ChatMessage("user", turn.question), ChatMessage("assistant", turn.answer)]
+    return messages
+
+
 def interactive(
     engine: NudgingEngine,
     system: str | None,
@@ -402,33 +498,76 @@ def interactive(
     errors: Console,
     marks: str,
 ) -> int:
-    """A multi-turn chat; Ctrl-C cancels the answer in progress, Ctrl-D or /exit leaves."""
-    errors.print(
-        Text("Multi-turn chat: /history shows it, /reset forgets it, Ctrl-D leaves.", "dim")
-    )
-    history: list[ChatMessage] = [ChatMessage("system", system)] if system else []
+    """A multi-turn chat; Ctrl-C cancels the answer in progress (or, at the prompt, only
+    clears the line), Ctrl-D or /exit leaves."""
+    dim = "dim"
+    errors.print(Text(f"Multi-turn chat. {CHAT_HINT}", dim))
+    turns: list[Turn] = []
     while True:
         try:
             line = console.input("[bold]you>[/bold] ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:
             console.print()
             return 0
+        except KeyboardInterrupt:
+            console.print()
+            errors.print(Text(f"(the conversation is kept: {CHAT_HINT})", dim))
+            continue
         question = line.strip()
         if not question:
             continue
-        if question in ("/exit", "/quit"):
-            return 0
-        if question == "/reset":
-            history = history[:1] if system else []
+        word = question.split(maxsplit=1)[0]
+        if question.startswith("//"):  # `//text` sends `/text`
+            question = question[1:]
+        elif COMMAND_WORD.fullmatch(word):
+            known = {"/quit": "/exit"}.get(word.lower(), word.lower())
+            if known not in COMMANDS:
+                errors.print(
+                    f"unknown command {word} (not sent to the model); the commands are "
+                    f"{', '.join(COMMANDS)}; start a line with // to send one that begins with /"
+                )
+            elif word != question:
+                errors.print(f"{word} takes no argument; /help lists the commands")
+            elif known == "/exit":
+                return 0
+            elif known == "/help":
+                for command, meaning in COMMANDS.items():
+                    console.print(Text(f"{command:<9} {meaning}"))
+                console.print(Text("//text    send a line that begins with /"))
+            elif known == "/reset":
+                answered = sum(not turn.cancelled for turn in turns)
+                kept = "; the system prompt is kept" if system else ""
+                cleared = (
+                    f"forgot {plural(len(turns), 'turn')} ({answered} answered){kept}"
+                    if turns
+                    else f"nothing to forget{kept}"
+                )
+                errors.print(Text(f"[conversation cleared: {cleared}]", dim))
+                turns = []
+            else:
+                show_history(system, turns, console, errors)
             continue
-        if question == "/history":
-            for message in history:
-                console.print(Text(f"{message.role}: {message.content}"))
-            continue
-        messages = [*history, ChatMessage("user", question)]
-        finished = stream(engine.submit(Request(messages, config)), console, errors, marks)
-        if finished is not None:
-            history = [*messages, ChatMessage("assistant", finished.text)]
+        messages = [*conversation(system, turns), ChatMessage("user", question)]
+        note = ": kept in /history as cancelled, and left out of the conversation"
+        shown = stream(engine.submit(Request(messages, config)), console, errors, marks, note)
+        turns.append(Turn(question, shown.text, cancelled=shown.finished is None))
+        if shown.finished is not None:
+            turns[-1].answer = shown.finished.text
+
+
+def show_history(system: str | None, turns: list[Turn], console: Console, errors: Console) -> None:
+    if not system and not turns:
+        errors.print(Text("[the conversation is empty]", "dim"))
+    if system:
+        console.print(Text(f"system: {system}"))
+    for turn in turns:
+        console.print(Text(f"user: {turn.question}"))
+        if turn.cancelled:
+            console.print(Text(f"assistant {CANCELLED}: {turn.answer}", "dim"))
+        else:
+            console.print(Text(f"assistant: {turn.answer}"))
+    if any(turn.cancelled for turn in turns):
+        errors.print(Text("(cancelled answers are not part of the conversation)", "dim"))
 
 
 def run_chat(args: argparse.Namespace, console: Console, errors: Console) -> int:
@@ -436,8 +575,14 @@ def run_chat(args: argparse.Namespace, console: Console, errors: Console) -> int
     marks = args.marks
     if marks == "auto":
         marks = "color" if console.is_terminal else "brackets"
-    chatting = args.question is None and sys.stdin.isatty() and not args.json
-    messages = [ChatMessage("user", args.question or DEFAULT_QUESTION)]
+    question = args.question
+    terminal = sys.stdin is not None and sys.stdin.isatty()
+    if question is None and sys.stdin is not None and not terminal:  # a pipe or a file
+        question = sys.stdin.read().strip() or None
+        if question is None:
+            errors.print(Text(f"(standard input is empty: asking {DEFAULT_QUESTION!r})", "dim"))
+    chatting = args.question is None and terminal and not args.json
+    messages = [ChatMessage("user", question or DEFAULT_QUESTION)]
     if args.system is not None:
         messages.insert(0, ChatMessage("system", args.system))
     pair = load_pair(args)
@@ -459,7 +604,7 @@ def run_chat(args: argparse.Namespace, console: Console, errors: Console) -> int
             }
             print(json.dumps(payload, ensure_ascii=False))
             return 0
-        return 0 if stream(handle, console, errors, marks) is not None else 130
+        return 0 if stream(handle, console, errors, marks).finished is not None else 130
     finally:
         engine.shutdown()
 
@@ -496,9 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console(highlight=False, soft_wrap=True)
     errors = Console(stderr=True, highlight=False, soft_wrap=True)
     try:
-        if args.command == "eval":
-            return run_eval_command(args, console, errors)
-        return run_chat(args, console, errors)
+        with _transformers_bars(args.verbose):  # "Loading weights" bars on every start
+            if args.command == "eval":
+                return run_eval_command(args, console, errors)
+            return run_chat(args, console, errors)
     except ValidationError as exc:
         errors.print(f"nudging: invalid option: {_validation_message(exc)}")
     except (ModelLoadError, ValueError, ScoringSetupError, ServerError) as exc:

