@@ -430,7 +430,7 @@ def test_keep_alive_durations(given, seconds):
 
 
 def test_a_bad_keep_alive():
-    with pytest.raises(ValidationError, match="keep_alive"):
+    with pytest.raises(ValidationError, match=r"keep_alive.*expected seconds or a duration"):
         NudgedChatModel(keep_alive="soon")
 
 

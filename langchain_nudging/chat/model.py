@@ -490,11 +490,12 @@ class NudgedChatModel(_WithKnobs):
         return base_options, nudging_options
 
     def unload(self) -> bool:
-        """Unload this model's pair now: its shared engine is shut down (requests in flight on
-        it are cancelled) and the two models leave the process-wide caches, unless another
-        engine still uses one of them. Returns whether anything was unloaded. The next call
-        (of this or any instance naming the same pair) loads it again. A server started for a
-        ``runtime`` keeps running; a model given as a ``LoadedModel`` object stays valid."""
+        """Unload this model's pair now: its shared engine is shut down (requests in flight
+        on it end within one forward pass, finish reason ``"cancelled"``) and the two models
+        leave the process-wide caches, unless another engine still uses one of them. Returns
+        whether anything was unloaded. The next call (of this or any instance naming the same
+        pair) loads it again. A server started for a ``runtime`` keeps running; a model given
+        as a ``LoadedModel`` object stays valid."""
         base_options, nudging_options = self._pair_options(self.base_model)
         models = [
             built_text_model(self.base_model, **base_options),
