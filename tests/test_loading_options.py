@@ -368,6 +368,25 @@ def test_unload_keeps_a_model_another_engine_uses(fresh_pair, build_model, sp_to
     other.unload()
 
 
+def test_unloading_a_template_variant_keeps_the_weights_another_engine_uses(model_dir):
+    folder, options = str(model_dir), {"dtype": "float32", "device": "cpu"}
+    plain = NudgedChatModel(model=folder, nudging_model=folder, **options)
+    plain_engine = plain.get_engine()
+    weights = plain_engine.pair.nudging.model
+    templated = NudgedChatModel(
+        model=folder, nudging_model=folder, nudging_chat_template=TEMPLATE, **options
+    )
+    engine = templated.get_engine()
+    assert engine is not plain_engine
+    assert engine.pair.nudging.model is weights
+    assert templated.unload() is True
+    assert [m.tokenizer.chat_template for m in loaded_models()] == [None]  # the plain one
+    assert load_model(folder, progress=False, **options).model is weights
+    assert not plain_engine.closed
+    assert plain.unload() is True
+    assert loaded_models() == []
+
+
 def _keep_alive_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "nudging-keep-alive" and t.is_alive()]
 
@@ -430,7 +449,7 @@ def test_keep_alive_durations(given, seconds):
 
 
 def test_a_bad_keep_alive():
-    with pytest.raises(ValidationError, match=r"keep_alive.*expected seconds or a duration"):
+    with pytest.raises(ValidationError, match=r"(?s)keep_alive.*expected seconds or a duration"):
         NudgedChatModel(keep_alive="soon")
 
 

@@ -170,16 +170,17 @@ def applies(spec: Any, option: str, runtime: str | None = None) -> bool:
     return backend.options is None or option in backend.options
 
 
-def release_text_model(model: TextModel) -> bool:
-    """Forget ``model`` in the factory and drop its weights from the model registry (every
-    entry holding the same torch model); returns whether anything was dropped. A later
+def release_text_model(model: TextModel, weights: bool = True) -> bool:
+    """Forget ``model`` in the factory and drop its model from the model registry: with
+    ``weights``, every entry holding the same torch model; without, that entry only (another
+    entry shares the weights). Returns whether anything was dropped. A later
     :func:`text_model` builds (loads) it again."""
     with _LOCK:
         keys = [key for key, held in _MODELS.items() if held is model]
         for key in keys:
             del _MODELS[key]
     loaded = getattr(model, "loaded", None)
-    unloaded = isinstance(loaded, LoadedModel) and unload_model(loaded)
+    unloaded = isinstance(loaded, LoadedModel) and unload_model(loaded, variants=weights)
     return bool(keys) or unloaded
 
 

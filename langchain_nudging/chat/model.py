@@ -787,25 +787,35 @@ class NudgedChatModel(_WithKnobs):
 
 def _unload(engine: NudgingEngine | None, models: list[TextModel]) -> bool:
     """Shut ``engine`` down and take it out of the shared engines, then release each of
-    ``models`` that no other shared engine uses."""
+    ``models`` that no other shared engine uses (and the weights of those whose weights no
+    other engine's model shares, as a chat-template variant of a model does)."""
     with shared._SHARED_LOCK:
         if engine is not None:
             for key, held in list(shared._SHARED.items()):
                 if held is engine:
                     del shared._SHARED[key]
-        in_use = {
-            id(m)
+        others = [
+            m
             for e in shared._SHARED.values()
             if not e.closed
             for m in (e.pair.base, e.pair.nudging)
-        }
+        ]
+    in_use = {id(m) for m in others}
+    weights_in_use = {id(_weights(m)) for m in others if _weights(m) is not None}
     if engine is not None:
         _IDLE.cancel(engine)
         engine.shutdown()
     released = [
-        release_text_model(m) for m in {id(m): m for m in models}.values() if id(m) not in in_use
+        release_text_model(m, weights=id(_weights(m)) not in weights_in_use)
+        for m in {id(m): m for m in models}.values()
+        if id(m) not in in_use
     ]
     return engine is not None or any(released)
+
+
+def _weights(model: TextModel) -> Any:
+    """The torch model under a text model loaded in this process (``None`` for others)."""
+    return getattr(model, "model", None)
 
 
 class _IdleTimers:
@@ -817,7 +827,7 @@ class _IdleTimers:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # an expiring timer unloads (and cancels) under it
         self._busy: dict[int, int] = {}
         self._timers: dict[int, threading.Timer] = {}
 
@@ -848,7 +858,8 @@ class _IdleTimers:
 
     def cancel(self, engine: NudgingEngine) -> None:
         """Drop the engine's pending timer (it is being unloaded)."""
-        timer = self._timers.pop(id(engine), None)  # also from _expire, which holds the lock
+        with self._lock:
+            timer = self._timers.pop(id(engine), None)
         if timer is not None and timer is not threading.current_thread():
             timer.cancel()
 
