@@ -107,8 +107,13 @@ def text_model(spec: Any, **options: Any) -> TextModel:
     """The text model of ``spec``, built by the first backend that claims it.
 
     ``options`` go to the backend (transformers: :func:`~langchain_nudging.models.load_model`'s
-    keywords). Building happens once per spec and options while the result is in use; a spec
+    keywords, ``revision``, ``local_files_only``, ``model_kwargs`` and ``chat_template``
+    included). Building happens once per spec and options while the result is in use; a spec
     that cannot be served raises the backend's error (``ModelLoadError`` for transformers).
+    Options a backend does not take are dropped (they belong to the other model of a mixed
+    pair), except the Hugging Face options (``HF_OPTIONS``): one of those set for a backend
+    that cannot use it (a server, a runtime's server, a text model object) is a
+    ``ValueError`` naming it.
     """
     if _is_text_model(spec):
         _refuse_hf_options(spec, options, "it is a text model object")
