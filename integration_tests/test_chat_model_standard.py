@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from langchain_core.load import dumps, loads
 from langchain_tests.integration_tests import ChatModelIntegrationTests
 
 from langchain_nudging import BUNDLED_NUDGING_ID, NudgedChatModel, NudgingPair
@@ -54,3 +55,34 @@ class TestNudgedChatModelIntegration(ChatModelIntegrationTests):
     def model_override_value(self) -> str:
         # A per-call `model` replaces the base model: SmolLM2 (already loaded) nudged by itself.
         return BUNDLED_NUDGING_ID
+
+
+# -- beyond the suite: serialization and a chat-template override, on the bundled pair ---------
+
+PARAMS = {"max_tokens": 4, "dtype": "float32", "device": "cpu"}
+# SmolLM2's ChatML without its default system message.
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] }}"
+    "{% if not loop.last or not continue_final_message %}{{ '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_model_loaded_back_from_json_answers_on_the_same_pair(pair: NudgingPair) -> None:
+    llm = NudgedChatModel(gamma=0.4, **PARAMS)
+    back = loads(
+        dumps(llm), valid_namespaces=["langchain_nudging"], allowed_objects=[NudgedChatModel]
+    )
+    assert back.get_engine() is llm.get_engine()
+    assert back.invoke("What is the capital of France?").content.strip()
+
+
+def test_a_nudging_chat_template_override_shares_the_weights(pair: NudgingPair) -> None:
+    llm = NudgedChatModel(nudging_chat_template=CHATML, **PARAMS)
+    nudging = llm.get_engine().pair.nudging
+    assert nudging.model is pair.nudging.model  # type: ignore[attr-defined]
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]
+    prompt = nudging.chat_template.render(chat, None)  # no default system message
+    assert prompt == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    llm.unload()  # the override's engine; the session's pair keeps its own models
+    assert pair.nudging.model is nudging.model  # type: ignore[attr-defined]

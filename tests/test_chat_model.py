@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +12,8 @@ from unittest import mock
 
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.language_models import BaseChatModel
+from langchain_core.load import dumpd, load
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
@@ -55,6 +58,40 @@ class TestNudgedChatModelStandard(ChatModelUnitTests):
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"gamma": 0.4}
+
+    @property
+    def init_from_env_params(self) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+        # The API key comes from the environment, and dumps as a reference to that variable.
+        return (
+            {"LANGCHAIN_NUDGING_API_KEY": "key-from-env"},
+            {"gamma": 0.4},
+            {"api_key": "key-from-env"},
+        )
+
+    @pytest.mark.xfail(
+        reason="the suite loads with allowed_objects='all', which in langchain-core 1.x admits "
+        "only classes of langchain-core's own mapping, never a partner package's; "
+        "test_serdes_with_the_class_allowed runs the same round trip as a user would",
+        raises=ValueError,
+        strict=True,
+    )
+    def test_serdes(self, model: BaseChatModel, snapshot: Any) -> None:
+        super().test_serdes(model, snapshot)
+
+    def test_serdes_with_the_class_allowed(self, model: BaseChatModel, snapshot: Any) -> None:
+        env_params, _params, _attrs = self.init_from_env_params
+        with mock.patch.dict(os.environ, env_params):
+            assert dumpd(model) == snapshot(name="serialized")
+            back = load(
+                dumpd(model),
+                valid_namespaces=model.get_lc_namespace()[:1],
+                allowed_objects=[NudgedChatModel],
+                secrets_from_env=True,
+            )
+        assert isinstance(back, NudgedChatModel)
+        assert back.asdict() == model.asdict()
+        assert back.api_key is not None
+        assert back.api_key.get_secret_value() == "key-from-env"
 
 
 # -- fixtures ----------------------------------------------------------------------------------

@@ -28,8 +28,12 @@ from ..models import (
     BUNDLED_NUDGING_ID,
     LoadedModel,
     ModelLoadError,
+    check_model_kwargs,
     check_source,
+    freeze,
     load_model,
+    read_chat_template,
+    unload_model,
 )
 from .base import TextModel
 from .local import LocalModel
@@ -37,10 +41,15 @@ from .local import LocalModel
 __all__ = [
     "BUNDLED_BASE_ID",
     "BUNDLED_NUDGING_ID",
+    "HF_OPTIONS",
+    "applies",
     "built_text_model",
+    "check_model_kwargs",
     "check_spec",
+    "read_chat_template",
     "register_backend",
     "register_runtime",
+    "release_text_model",
     "runtimes",
     "spec_label",
     "text_model",
@@ -68,6 +77,11 @@ _BUILDING: dict[Hashable, threading.Lock] = {}
 _MEMBERS = frozenset(get_protocol_members(TextModel))
 _RUNTIMES: dict[str, Callable[[Any, bool], str | None]] = {}
 
+#: Options that only a model loaded with transformers in this process can use. Where the
+#: backend of a spec takes none of them (a server, a model on a runtime's server, a text model
+#: object), setting one is an error that names it, not an option silently dropped.
+HF_OPTIONS = ("revision", "local_files_only", "model_kwargs", "chat_template")
+
 
 def register_backend(
     name: str,
@@ -93,13 +107,20 @@ def text_model(spec: Any, **options: Any) -> TextModel:
     """The text model of ``spec``, built by the first backend that claims it.
 
     ``options`` go to the backend (transformers: :func:`~langchain_nudging.models.load_model`'s
-    keywords). Building happens once per spec and options while the result is in use; a spec
+    keywords, ``revision``, ``local_files_only``, ``model_kwargs`` and ``chat_template``
+    included). Building happens once per spec and options while the result is in use; a spec
     that cannot be served raises the backend's error (``ModelLoadError`` for transformers).
+    Options a backend does not take are dropped (they belong to the other model of a mixed
+    pair), except the Hugging Face options (``HF_OPTIONS``): one of those set for a backend
+    that cannot use it (a server, a runtime's server, a text model object) is a
+    ``ValueError`` naming it.
     """
     if _is_text_model(spec):
+        _refuse_hf_options(spec, options, "it is a text model object")
         return spec
+    given = spec
     spec, options = _on_runtime(spec, options)
-    backend, taken, key = _resolve(spec, options)
+    backend, taken, key = _resolve(spec, options, given)
     return _once(key, lambda: backend.build(spec, **taken))
 
 
@@ -107,20 +128,69 @@ def built_text_model(spec: Any, **options: Any) -> TextModel | None:
     """The text model :func:`text_model` would return for ``spec`` and ``options`` if it is
     built already, else ``None``: nothing is loaded (an event loop may ask)."""
     if _is_text_model(spec):
+        _refuse_hf_options(spec, options, "it is a text model object")
         return spec
+    given = spec
     spec, options = _on_runtime(spec, options, start=False)
     if spec is None:
         return None  # its server is not started yet: text_model starts it
-    key = _resolve(spec, options)[2]
+    key = _resolve(spec, options, given)[2]
     with _LOCK:
         return _MODELS.get(key)
 
 
-def _resolve(spec: Any, options: dict[str, Any]) -> tuple[_Backend, dict[str, Any], Hashable]:
+def _resolve(
+    spec: Any, options: dict[str, Any], given: Any = None
+) -> tuple[_Backend, dict[str, Any], Hashable]:
     """The backend that claims ``spec``, the options it takes, and the registry key."""
     backend = next(b for b in _BACKENDS if b.claims(spec))
     taken = backend.take(options)
+    served = spec if given is None or given is spec else f"{spec_label(given)} (on {spec})"
+    _refuse_hf_options(
+        spec, {k: v for k, v in options.items() if k not in taken},
+        f"it is served by the {backend.name!r} backend: {_short(spec_label(served))}",
+    )  # fmt: skip
     return backend, taken, (backend.name, _spec_key(spec), _frozen(taken))
+
+
+def _refuse_hf_options(spec: Any, options: dict[str, Any], why: str) -> None:
+    """A ``ValueError`` naming the Hugging Face loading options set in ``options``, which
+    ``spec`` cannot use."""
+    refused = [name for name in HF_OPTIONS if options.get(name)]
+    if refused:
+        raise ValueError(
+            f"{', '.join(refused)}: option(s) of models loaded with transformers in this "
+            f"process, which this model cannot use ({why}); leave them unset for it"
+        )
+
+
+def applies(spec: Any, option: str, runtime: str | None = None) -> bool:
+    """Whether the backend that would serve ``spec`` (on ``runtime``) takes ``option``:
+    a chat model gives each model of a mixed pair only the options it can use."""
+    if _is_text_model(spec):
+        return False
+    backend = next(b for b in _BACKENDS if b.claims(spec))
+    if backend.name == _FALLBACK and runtime not in (None, _FALLBACK):
+        return False  # it runs on a server the runtime starts
+    return backend.options is None or option in backend.options
+
+
+def release_text_model(model: TextModel, weights: bool = True) -> bool:
+    """Forget ``model`` in the factory and drop its model from the model registry: with
+    ``weights``, every entry holding the same torch model; without, that entry only (another
+    entry shares the weights). Returns whether anything was dropped. A later
+    :func:`text_model` builds (loads) it again."""
+    with _LOCK:
+        keys = [key for key, held in _MODELS.items() if held is model]
+        for key in keys:
+            del _MODELS[key]
+    loaded = getattr(model, "loaded", None)
+    unloaded = isinstance(loaded, LoadedModel) and unload_model(loaded, variants=weights)
+    return bool(keys) or unloaded
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def register_runtime(name: str, serve: Callable[[Any, bool], str | None]) -> None:
@@ -209,15 +279,10 @@ def _spec_key(spec: Any) -> Hashable:
 
 
 def _frozen(value: Any) -> Hashable:
-    """Options as a hashable value (a device map is a dict)."""
-    if isinstance(value, dict):
-        return ("dict", tuple(sorted((str(k), _frozen(v)) for k, v in value.items())))
-    if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
-    if isinstance(value, os.PathLike):
-        path: Hashable = os.fspath(value)
-        return path
-    return value  # type: ignore[no-any-return]
+    """Options as a hashable value, equal for equal settings (a device map and
+    ``model_kwargs`` are dicts; a quantization config is compared by its ``to_dict()``)."""
+    frozen: Hashable = freeze(value)
+    return frozen
 
 
 def _once(key: Hashable, build: Callable[[], TextModel]) -> TextModel:

@@ -37,8 +37,9 @@ _TOOL_CALL_BLOCKS = frozenset({"tool_use", "tool_call", "function_call", "server
 
 def to_chat_messages(messages: Sequence[BaseMessage]) -> list[ChatMessage]:
     """LangChain messages -> the engine's ``ChatMessage`` list, or a ``ValueError`` naming the
-    first message (and content block) it cannot take. ``name`` is accepted and not rendered,
-    except on a tool message (the tool's name)."""
+    first message (and content block) it cannot take, an empty or whitespace-only human message
+    included (the models would answer nothing with random text). ``name`` is accepted and not
+    rendered, except on a tool message (the tool's name)."""
     if not messages:
         raise ValueError("messages: the conversation is empty; pass at least one human message")
     converted = []
@@ -64,7 +65,13 @@ def to_chat_messages(messages: Sequence[BaseMessage]) -> list[ChatMessage]:
                 )
             )
         else:
-            converted.append(ChatMessage(role, _text(message.content, index)))
+            text = _text(message.content, index)
+            if role == "user" and not text.strip():
+                raise ValueError(
+                    f"messages[{index}]: the human message is empty"
+                    f"{' (only whitespace)' if text else ''}; pass a question or an instruction"
+                )
+            converted.append(ChatMessage(role, text))
     return converted
 
 

@@ -13,7 +13,9 @@ docs/chat_model.md describes every field.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,11 +28,13 @@ from langchain_core.language_models import (
     ModelProfile,
 )
 from langchain_core.language_models.chat_models import generate_from_stream
+from langchain_core.load.serializable import SerializedConstructor, SerializedNotImplemented
 from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.prompt_values import PromptValue
 from langchain_core.runnables import Runnable
 from langchain_core.tools import BaseTool
+from langchain_core.utils import secret_from_env
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
 from pydantic import (
     BaseModel,
@@ -48,14 +52,20 @@ from ..backends.base import TextModel
 from ..backends.registry import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,
+    HF_OPTIONS,
+    applies,
     built_text_model,
+    check_model_kwargs,
     check_spec,
+    read_chat_template,
+    release_text_model,
     spec_label,
     text_model,
 )
 from ..config import NudgingConfig, SamplingConfig
 from ..prompts import DEFAULT_SYSTEM, BasePromptFormat, normalize
 from ..request import Mode, Request
+from ..serving import shared
 from ..serving.engine import NudgingEngine
 from ..serving.shared import shared_engine
 from ..structured import OutputSpec
@@ -89,7 +99,14 @@ LOAD_FIELDS = (
     "cache_dir",
     "allow_pickle",
     "runtime",
+    "revision",
+    "local_files_only",
+    "model_kwargs",
 )
+#: The chat model's field for each Hugging Face option of the factory (in error messages).
+_HF_FIELDS = {"chat_template": "nudging_chat_template", "model_kwargs": "model_kwargs"}
+API_KEY_ENV = "LANGCHAIN_NUDGING_API_KEY"
+_DURATION = re.compile(r"^\s*(-?\d+(?:\.\d*)?)\s*(ms|s|m|h)?\s*$")
 
 
 class NudgedChatModel(_WithKnobs):
@@ -189,9 +206,10 @@ class NudgedChatModel(_WithKnobs):
     max_retries: int | None = Field(default=None, ge=0, le=100)
     """For a model on a server: retries of a call that failed to connect, was reset or got a
     5xx answer, with exponential backoff (``None``: 2). Unused by local models."""
-    api_key: SecretStr | None = None
-    """For a model on a server: its API key, sent as a bearer token (``None``:
-    ``$LANGCHAIN_NUDGING_API_KEY``, if set). Unused by local models."""
+    api_key: SecretStr | None = Field(default_factory=secret_from_env(API_KEY_ENV, default=None))
+    """For a model on a server: its API key, sent as a bearer token (default:
+    ``$LANGCHAIN_NUDGING_API_KEY``, if set). Unused by local models. Serialized as a reference
+    to that variable, never as its value."""
 
     # -- loading (options of the factory: validated when the models load) ---------------------
     runtime: Literal["transformers", "llamacpp", "vllm"] = "transformers"
@@ -214,6 +232,29 @@ class NudgedChatModel(_WithKnobs):
     allow_pickle: bool = False
     """Let a model with pickled weights (``pytorch_model.bin``, ``*.pt``) load; a pickle can
     run code when it is loaded, so only safetensors weights load unless this is set."""
+    revision: str | None = Field(default=None, min_length=1)
+    """Branch, tag or commit of the Hugging Face Hub ids of the pair (local folders, files and
+    bundled models have none and ignore it, as ``from_pretrained`` does)."""
+    local_files_only: bool = False
+    """Never touch the network: a Hub id loads from the Hugging Face cache or fails at once
+    with ``ModelLoadError`` (``HF_HUB_OFFLINE=1`` does the same for the whole process)."""
+    model_kwargs: dict[str, Any] | None = None
+    """Keyword arguments for each transformers model's ``from_pretrained`` (e.g.
+    ``{"attn_implementation": "sdpa"}``, or ``{"quantization_config": BitsAndBytesConfig(
+    load_in_4bit=True)}`` on a GPU). Keys the library sets itself (``dtype``, ``device_map``,
+    ``revision``, ...) are refused with the field to use instead."""
+    nudging_model_kwargs: dict[str, Any] | None = None
+    """``model_kwargs`` for the nudging model alone (``None``: ``model_kwargs``), e.g. to
+    quantize only the large base model."""
+    nudging_chat_template: str | None = None
+    """A chat template for the nudging model (a Jinja string, or the path of a file holding
+    one), used instead of its tokenizer's; the weights are shared with the same model without
+    it. Checked for Jinja syntax at construction."""
+    keep_alive: float | None = Field(default=None, ge=0.0, le=threading.TIMEOUT_MAX)
+    """Seconds the pair stays loaded after this model's last call ends (``None``: until
+    :meth:`unload` or the process ends; ``0``: unloaded as each call ends). Also ``"30s"``,
+    ``"5m"``, ``"1h"``; a negative value means ``None``, as in ChatOllama. One timer per pair,
+    cancelled when a call starts; a call in flight is never cut off."""
 
     _base_format: BasePromptFormat = PrivateAttr(default_factory=BasePromptFormat)
 
@@ -240,10 +281,41 @@ class NudgedChatModel(_WithKnobs):
             raise ValueError("stop strings must be non-empty")
         return value
 
-    @field_validator("cache_dir", mode="before")
+    @field_validator("cache_dir", "nudging_chat_template", mode="before")
     @classmethod
-    def _cache_dir(cls, value: Any) -> Any:
+    def _path_text(cls, value: Any) -> Any:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("nudging_chat_template")
+    @classmethod
+    def _chat_template(cls, value: str | None) -> str | None:
+        read_chat_template(value)  # a missing file or a Jinja syntax error fails here
+        return value
+
+    @field_validator("model_kwargs", "nudging_model_kwargs", mode="before")
+    @classmethod
+    def _model_kwargs(cls, value: Any) -> Any:
+        return None if value is None else check_model_kwargs(value)
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = _DURATION.match(value)
+            if match is None:
+                raise ValueError(
+                    f"expected seconds or a duration like '30s', '5m', '1h', got {value!r}"
+                )
+            number, unit = float(match[1]), match[2] or "s"
+            value = number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            return None  # ChatOllama: a negative keep_alive keeps the model loaded
+        return value
+
+    @model_validator(mode="after")
+    def _loading_options_apply(self) -> Self:
+        self._pair_options(self.base_model)  # an option neither model can use fails here
+        return self
 
     @model_validator(mode="after")
     def _prompt_format(self) -> Self:
@@ -265,6 +337,56 @@ class NudgedChatModel(_WithKnobs):
     def _llm_type(self) -> str:
         return "nudging-chat"
 
+    # -- serialization -------------------------------------------------------------------------
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        """``dumpd``/``dumps`` write the fields set; ``load``/``loads`` with
+        ``valid_namespaces=["langchain_nudging"]`` build the model again (nothing loads)."""
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["langchain_nudging"]
+
+    @property
+    def lc_secrets(self) -> dict[str, str]:
+        return {"api_key": API_KEY_ENV}
+
+    def to_json(self) -> SerializedConstructor | SerializedNotImplemented:
+        """The model's fields as JSON. A model given as an object (a ``LoadedModel``, a
+        ``(model, tokenizer)`` tuple, a text model) or an option that is no JSON value (a
+        quantization config object) cannot be written: the result is then LangChain's
+        "not implemented" record, whose ``repr`` says which field, and loading it raises."""
+        serialized = super().to_json()
+        if serialized.get("type") != "constructor":
+            return serialized
+        kwargs = serialized["kwargs"]  # type: ignore[typeddict-item]
+        if self.nudging_sampling is not None and "nudging_sampling" in kwargs:
+            kwargs["nudging_sampling"] = self.nudging_sampling.model_dump()
+        if "dtype" in kwargs and not isinstance(self.dtype, str):
+            kwargs["dtype"] = str(self.dtype).removeprefix("torch.")
+        problems = [
+            f"{name} is a {type(getattr(self, name)).__name__} object "
+            f"({spec_label(getattr(self, name))})"
+            for name in ("base_model", "nudging_model")
+            if not isinstance(getattr(self, name), str)
+        ]
+        for name, value in kwargs.items():
+            if name in ("base_model", "nudging_model") or name in self.lc_secrets:
+                continue
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                problems.append(f"{name} holds a {type(value).__name__} that is no JSON value")
+        if not problems:
+            return serialized
+        record = self.to_json_not_implemented()
+        record["repr"] = (
+            f"NudgedChatModel is not serializable: {'; '.join(problems)}; give models as ids "
+            "or paths and options as JSON values to serialize it"
+        )
+        return record
+
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {
@@ -281,6 +403,12 @@ class NudgedChatModel(_WithKnobs):
             "base_prompt_format": self._base_format.model_dump(),
             "dtype": str(self.dtype),
             "device": self.device,
+            "revision": self.revision,
+            "model_kwargs": repr(self.model_kwargs) if self.model_kwargs else None,
+            "nudging_model_kwargs": (
+                repr(self.nudging_model_kwargs) if self.nudging_model_kwargs else None
+            ),
+            "nudging_chat_template": self.nudging_chat_template,
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
@@ -320,16 +448,80 @@ class NudgedChatModel(_WithKnobs):
 
     def _built_engine(self, base: Any) -> NudgingEngine | None:
         """The shared engine, if both models are built already (nothing is loaded)."""
-        options = self._load_options()
-        base_model = built_text_model(base, **options)
-        nudging_model = built_text_model(self.nudging_model, **options)
+        base_options, nudging_options = self._pair_options(base)
+        base_model = built_text_model(base, **base_options)
+        nudging_model = built_text_model(self.nudging_model, **nudging_options)
         if base_model is None or nudging_model is None:
             return None
         return shared_engine(base_model, nudging_model)
 
     def _text_models(self, base: Any) -> tuple[TextModel, TextModel]:
+        base_options, nudging_options = self._pair_options(base)
+        return text_model(base, **base_options), text_model(self.nudging_model, **nudging_options)
+
+    def _pair_options(self, base: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The factory's options for each model: the shared loading options, the nudging
+        model's own (``nudging_model_kwargs``, ``nudging_chat_template``), and, of a mixed pair,
+        each Hugging Face option only for the model that can use it. An option set that
+        neither model can use (a pair of server models) is a ``ValueError`` naming it."""
         options = self._load_options()
-        return text_model(base, **options), text_model(self.nudging_model, **options)
+        base_options, nudging_options = dict(options), dict(options)
+        if self.nudging_model_kwargs is not None:
+            nudging_options.pop("model_kwargs", None)
+            if self.nudging_model_kwargs:
+                nudging_options["model_kwargs"] = self.nudging_model_kwargs
+        if self.nudging_chat_template is not None:
+            nudging_options["chat_template"] = self.nudging_chat_template
+        for name in HF_OPTIONS:
+            sides = ((base, base_options), (self.nudging_model, nudging_options))
+            wanted = [(spec, given) for spec, given in sides if given.get(name)]
+            usable = [given for spec, given in wanted if applies(spec, name, self.runtime)]
+            if wanted and not usable:
+                field = _HF_FIELDS.get(name, name)
+                raise ValueError(
+                    f"{field}: an option of models loaded with transformers in this process, "
+                    f"which {'neither model' if len(wanted) > 1 else 'the model'} it is set for "
+                    f"can use ({', '.join(spec_label(s) for s, _ in wanted)}, runtime="
+                    f"{self.runtime!r}); leave it unset"
+                )
+            for _spec, given in wanted:
+                if not any(given is kept for kept in usable):
+                    del given[name]
+        return base_options, nudging_options
+
+    def unload(self) -> bool:
+        """Unload this model's pair now: its shared engine is shut down (requests in flight
+        on it end within one forward pass, finish reason ``"cancelled"``) and the two models
+        leave the process-wide caches, unless another engine still uses one of them. Returns
+        whether anything was unloaded. The next call (of this or any instance naming the same
+        pair) loads it again. A server started for a ``runtime`` keeps running; a model given
+        as a ``LoadedModel`` object stays valid."""
+        base_options, nudging_options = self._pair_options(self.base_model)
+        models = [
+            built_text_model(self.base_model, **base_options),
+            built_text_model(self.nudging_model, **nudging_options),
+        ]
+        built = [m for m in models if m is not None]
+        if not built:
+            return False
+        with shared._SHARED_LOCK:
+            pair = [
+                e
+                for e in shared._SHARED.values()
+                if e.pair.base is models[0] and e.pair.nudging is models[1]
+            ]
+        return _unload(pair[0] if pair else None, built)
+
+    def _engine_in_use(self, base: Any) -> NudgingEngine:
+        """The shared engine, marked busy for ``keep_alive`` (an engine unloaded between being
+        found and being marked is found again)."""
+        for _attempt in range(3):
+            engine = self.get_engine(base)
+            _IDLE.begin(engine)
+            if not engine.closed:
+                return engine
+            _IDLE.end(engine, None)
+        return engine
 
     def _load_options(self) -> dict[str, Any]:
         """The loading fields set to something other than their defaults (the factory's own
@@ -488,7 +680,13 @@ class NudgedChatModel(_WithKnobs):
         # on_llm_new_token is fired by BaseChatModel.stream/_generate_with_cache for each
         # chunk this yields; _generate fires it when LangChain calls that instead.
         call = self._call(messages, stop, kwargs)
-        engine = self.get_engine(call.base)
+        engine = self._engine_in_use(call.base)
+        try:
+            yield from self._stream_on(engine, call)
+        finally:
+            _IDLE.end(engine, self.keep_alive)
+
+    def _stream_on(self, engine: NudgingEngine, call: Call) -> Iterator[ChatGenerationChunk]:
         engine.pair.prepare(call.request.output)
         handle = engine.submit(call.request)
         answer = Answer(call, engine.pair.nudging.name)
@@ -518,8 +716,22 @@ class NudgedChatModel(_WithKnobs):
     ) -> AsyncIterator[ChatGenerationChunk]:
         call = self._call(messages, stop, kwargs)
         engine = self._built_engine(call.base)
+        if engine is not None:
+            _IDLE.begin(engine)
+            if engine.closed:  # unloaded meanwhile
+                _IDLE.end(engine, None)
+                engine = None
         if engine is None:  # a load never blocks the loop
-            engine = await asyncio.to_thread(self.get_engine, call.base)
+            engine = await asyncio.to_thread(self._engine_in_use, call.base)
+        try:
+            async for chunk in self._astream_on(engine, call):
+                yield chunk
+        finally:
+            _IDLE.end(engine, self.keep_alive)
+
+    async def _astream_on(
+        self, engine: NudgingEngine, call: Call
+    ) -> AsyncIterator[ChatGenerationChunk]:
         pair = engine.pair
         if not pair.prepared(call.request.output):  # a first constrained request: seconds
             await asyncio.to_thread(pair.prepare, call.request.output)
@@ -568,3 +780,104 @@ class NudgedChatModel(_WithKnobs):
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             chunks.append(chunk)
         return generate_from_stream(iter(chunks))  # merging chunks: no model work here
+
+
+# -- unloading ---------------------------------------------------------------------------------
+
+
+def _unload(engine: NudgingEngine | None, models: list[TextModel]) -> bool:
+    """Shut ``engine`` down and take it out of the shared engines, then release each of
+    ``models`` that no other shared engine uses (and the weights of those whose weights no
+    other engine's model shares, as a chat-template variant of a model does)."""
+    with shared._SHARED_LOCK:
+        if engine is not None:
+            for key, held in list(shared._SHARED.items()):
+                if held is engine:
+                    del shared._SHARED[key]
+        others = [
+            m
+            for e in shared._SHARED.values()
+            if not e.closed
+            for m in (e.pair.base, e.pair.nudging)
+        ]
+    in_use = {id(m) for m in others}
+    weights_in_use = {id(_weights(m)) for m in others if _weights(m) is not None}
+    if engine is not None:
+        _IDLE.cancel(engine)
+        engine.shutdown()
+    released = [
+        release_text_model(m, weights=id(_weights(m)) not in weights_in_use)
+        for m in {id(m): m for m in models}.values()
+        if id(m) not in in_use
+    ]
+    return engine is not None or any(released)
+
+
+def _weights(model: TextModel) -> Any:
+    """The torch model under a text model loaded in this process (``None`` for others)."""
+    return getattr(model, "model", None)
+
+
+class _IdleTimers:
+    """``keep_alive``: the engines in use, and one timer per idle engine that unloads it.
+
+    A call marks its engine busy (cancelling the engine's timer) and, as it ends, starts the
+    timer once no other call uses the engine. A timer that fires while a call is in flight, or
+    after it was replaced, does nothing; its thread ends either way.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # an expiring timer unloads (and cancels) under it
+        self._busy: dict[int, int] = {}
+        self._timers: dict[int, threading.Timer] = {}
+
+    def begin(self, engine: NudgingEngine) -> None:
+        with self._lock:
+            self._busy[id(engine)] = self._busy.get(id(engine), 0) + 1
+            timer = self._timers.pop(id(engine), None)
+        if timer is not None:
+            timer.cancel()
+
+    def end(self, engine: NudgingEngine, keep_alive: float | None) -> None:
+        with self._lock:
+            left = self._busy.get(id(engine), 1) - 1
+            if left > 0:
+                self._busy[id(engine)] = left
+                return
+            self._busy.pop(id(engine), None)
+            if keep_alive is None or engine.closed:
+                return
+            timer = threading.Timer(keep_alive, self._expire, (engine,))
+            timer.name = "nudging-keep-alive"
+            timer.daemon = True
+            old = self._timers.get(id(engine))
+            self._timers[id(engine)] = timer
+        if old is not None:
+            old.cancel()
+        timer.start()
+
+    def cancel(self, engine: NudgingEngine) -> None:
+        """Drop the engine's pending timer (it is being unloaded)."""
+        with self._lock:
+            timer = self._timers.pop(id(engine), None)
+        if timer is not None and timer is not threading.current_thread():
+            timer.cancel()
+
+    def _expire(self, engine: NudgingEngine) -> None:
+        with self._lock:
+            if (
+                self._busy.get(id(engine))
+                or self._timers.get(id(engine)) is not threading.current_thread()
+            ):
+                return
+            del self._timers[id(engine)]
+            # Under the lock: a call that finds the engine now sees it closed and reloads.
+            _unload(engine, [engine.pair.base, engine.pair.nudging])
+
+    def timers(self) -> int:
+        """How many timers are pending (for tests)."""
+        with self._lock:
+            return len(self._timers)
+
+
+_IDLE = _IdleTimers()

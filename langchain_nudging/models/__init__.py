@@ -10,7 +10,15 @@ the weights). GGUF files are converted once into a safetensors folder under `cac
 from .bundled import bundled_model_dir
 from .devices import resolve_device, resolve_dtype
 from .gguf import CACHE_ENV_VAR, cache_dir, convert_gguf
-from .load import HUB_PROBE_TIMEOUT, check_source, load_model
+from .load import (
+    HUB_PROBE_TIMEOUT,
+    RESERVED_MODEL_KWARGS,
+    check_model_kwargs,
+    check_source,
+    freeze,
+    load_model,
+    read_chat_template,
+)
 from .registry import (
     BUNDLED_BASE_ID,
     BUNDLED_NUDGING_ID,
@@ -26,15 +34,19 @@ __all__ = [
     "BUNDLED_NUDGING_ID",
     "CACHE_ENV_VAR",
     "HUB_PROBE_TIMEOUT",
+    "RESERVED_MODEL_KWARGS",
     "LoadedModel",
     "ModelLoadError",
     "bundled_model_dir",
     "cache_dir",
+    "check_model_kwargs",
     "check_source",
     "clear_registry",
     "convert_gguf",
+    "freeze",
     "load_model",
     "loaded_models",
+    "read_chat_template",
     "resolve_device",
     "resolve_dtype",
     "unload_model",

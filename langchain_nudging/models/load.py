@@ -4,9 +4,11 @@ registry)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -26,6 +28,15 @@ if TYPE_CHECKING:
 _PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")  # weights that load through pickle
 HUB_PROBE_TIMEOUT = 3.0  # seconds the one connection probe to the Hub may take
 
+#: Keys of `model_kwargs` the library passes to `from_pretrained` itself, with what sets them.
+RESERVED_MODEL_KWARGS = {
+    "dtype": "dtype=", "torch_dtype": "dtype=", "device_map": "device_map=",
+    "trust_remote_code": "trust_remote_code=", "gguf_file": "gguf_file=",
+    "revision": "revision=", "local_files_only": "local_files_only=",
+    "use_safetensors": "allow_pickle=", "cache_dir": "$HF_HUB_CACHE",
+    "pretrained_model_name_or_path": "the model spec",
+}  # fmt: skip
+
 
 def load_model(
     model: str | os.PathLike | LoadedModel | tuple[PreTrainedModel, PreTrainedTokenizerBase],
@@ -38,6 +49,10 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
     allow_pickle: bool = False,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+    chat_template: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, once per process for the same settings.
 
@@ -57,9 +72,27 @@ def load_model(
     cannot be reached (`HF_HUB_OFFLINE` set, or one connection probe of `HUB_PROBE_TIMEOUT`
     seconds fails), which fails at once instead of retrying.
 
+    `revision` (a branch, tag or commit) picks the version of a Hub id; local folders, files
+    and bundled ids have none and ignore it, as `from_pretrained` does. `local_files_only=True`
+    never touches the network: a Hub id that is not in the Hugging Face cache fails at once.
+    `model_kwargs` go to the model's `from_pretrained` (e.g. `quantization_config`,
+    `attn_implementation`); the keys the library sets itself (`RESERVED_MODEL_KWARGS`) are
+    refused. `chat_template` (a Jinja string, or the path of a file holding one) replaces the
+    tokenizer's chat template; the weights are shared with the same model without it.
+
     Weights must be safetensors: pickled weights (`pytorch_model.bin`, `*.pt`) can run code
     when loaded and are refused unless `allow_pickle=True`, for a source you trust.
     """
+    template = read_chat_template(chat_template)
+    if template is not None:
+        plain = load_model(
+            model, gguf_file=gguf_file, dtype=dtype, device=device, device_map=device_map,
+            trust_remote_code=trust_remote_code, cache_dir=cache_dir, progress=progress,
+            allow_pickle=allow_pickle, revision=revision, local_files_only=local_files_only,
+            model_kwargs=model_kwargs,
+        )  # fmt: skip
+        templated = (*_keys_of(plain), ("chat_template", template))
+        return _get_or_load(templated, lambda: _with_template(plain, template))
     if isinstance(model, LoadedModel):
         return model
     if isinstance(model, tuple):
@@ -76,23 +109,38 @@ def load_model(
         placement = tuple(sorted((str(k), str(v)) for k, v in device_map.items()))
     else:
         placement = str(device_map)
-    if not isinstance(allow_pickle, bool):
-        raise ModelLoadError(f"allow_pickle={_short(repr(allow_pickle), 60)} must be True or False")
+    for flag, value in (("allow_pickle", allow_pickle), ("local_files_only", local_files_only)):
+        if not isinstance(value, bool):
+            raise ModelLoadError(f"{flag}={_short(repr(value), 60)} must be True or False")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise ModelLoadError(f"revision={_short(repr(revision), 60)}: expected a branch, tag or "
+                             "commit of the Hub repo, or None")  # fmt: skip
+    extra = check_model_kwargs(model_kwargs)
     text = os.fspath(model)
-    source, hub_gguf, prepare = _resolve_source(text, gguf_file, cache_dir, progress, allow_pickle)
+    source, hub_gguf, prepare = _resolve_source(
+        text, gguf_file, cache_dir, progress, allow_pickle, revision, local_files_only
+    )
     hub = not source.startswith("bundled:") and not Path(source).is_absolute()
     name = source if hub_gguf is None else f"{source} ({hub_gguf})"
+    if not hub:
+        revision = None  # local folders and files have no revisions (from_pretrained ignores it)
+    if revision is not None:
+        name = f"{name}@{revision}"
 
     def load() -> LoadedModel:
         where = prepare()
         options: dict[str, Any] = {
             "gguf_file": hub_gguf, "dtype": torch_dtype, "trust": trust_remote_code,
             "device_map": device_map, "device": None if device_map is not None else placement,
-            "progress": progress, "allow_pickle": allow_pickle,
+            "progress": progress, "allow_pickle": allow_pickle, "revision": revision,
+            "model_kwargs": extra,
         }  # fmt: skip
         try:
+            if hub and local_files_only:
+                net, tokenizer = _load_pretrained(where, local_files_only=True, **options)
+                return _finish(net, tokenizer, name)
             if hub:
-                cached = _cached_hub_weights(source, hub_gguf, allow_pickle)
+                cached = _cached_hub_weights(source, hub_gguf, allow_pickle, revision)
                 if cached:
                     try:  # all of it may be in the cache already: no network at all
                         net, tokenizer = _load_pretrained(where, local_files_only=True, **options)
@@ -109,6 +157,9 @@ def load_model(
         except Exception as exc:
             if _pickle_refused(exc) and not allow_pickle:
                 raise _pickle_error(name) from exc
+            if isinstance(exc, OSError) and hub and local_files_only:
+                raise _hub_error(source, "local_files_only=True", "not (fully) in the Hugging "
+                                 "Face cache", revision) from exc  # fmt: skip
             if isinstance(exc, OSError) and hub:
                 raise ModelLoadError(
                     f"model={source!r} is neither a local path nor reachable on the Hugging Face "
@@ -117,8 +168,112 @@ def load_model(
             raise ModelLoadError(f"could not load model {name!r}: {_short(exc)}") from exc
         return _finish(net, tokenizer, name)
 
-    key = (source, hub_gguf, str(torch_dtype), placement, trust_remote_code, allow_pickle)
+    # local_files_only changes where the files come from, not which weights: not in the key.
+    key: tuple[Any, ...] = (
+        source,
+        hub_gguf,
+        str(torch_dtype),
+        placement,
+        trust_remote_code,
+        allow_pickle,
+    )
+    if revision is not None or extra:
+        key = (*key, revision, freeze(extra))
     return _get_or_load(key, load)
+
+
+def check_model_kwargs(model_kwargs: Any) -> dict[str, Any]:
+    """`model_kwargs` as a dict (`{}` for `None`), or a `ModelLoadError` for anything but a dict
+    with string keys, or for a key the library sets itself (it names the option to use)."""
+    if model_kwargs is None:
+        return {}
+    if not isinstance(model_kwargs, dict) or not all(isinstance(k, str) for k in model_kwargs):
+        raise ModelLoadError(
+            f"model_kwargs={_short(repr(model_kwargs), 60)}: expected a dict of keyword "
+            "arguments for the model's from_pretrained (e.g. {'attn_implementation': 'sdpa'})"
+        )
+    reserved = sorted(k for k in model_kwargs if k in RESERVED_MODEL_KWARGS)
+    if reserved:
+        instead = "; ".join(f"{k!r}: use {RESERVED_MODEL_KWARGS[k]}" for k in reserved)
+        raise ModelLoadError(
+            f"model_kwargs: {reserved} set by langchain-nudging itself, not through "
+            f"model_kwargs ({instead})"
+        )
+    return dict(model_kwargs)
+
+
+def read_chat_template(template: str | os.PathLike | None) -> str | None:
+    """A chat template override as Jinja text: the string itself when it holds Jinja syntax,
+    else the contents of the file it names; `ModelLoadError` for a missing file, an empty
+    template or a Jinja syntax error."""
+    if template is None:
+        return None
+    if not isinstance(template, (str, os.PathLike)):
+        raise ModelLoadError(
+            f"chat_template={_short(repr(template), 60)}: expected a Jinja string or a file path"
+        )
+    text = os.fspath(template)
+    if isinstance(template, os.PathLike) or not any(m in text for m in ("{{", "{%")):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(
+                f"chat_template={_short(repr(text), 80)} is neither a Jinja template (no '{{{{' "
+                "or '{%') nor an existing file"
+            )
+        text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise ModelLoadError("chat_template is empty")
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ModelLoadError(
+            f"chat_template: Jinja syntax error on line {exc.lineno}: {_short(exc.message)}"
+        ) from None
+    return text
+
+
+def freeze(value: Any) -> Any:
+    """`value` as a hashable value that is equal for equal settings: dicts by their items,
+    a configuration object (a quantization config) by its class and `to_dict()`."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), freeze(v)) for k, v in value.items())))
+    if isinstance(value, list | tuple | set | frozenset):
+        items = tuple(freeze(v) for v in value)
+        return (
+            items if isinstance(value, list | tuple) else ("set", tuple(sorted(map(repr, items))))
+        )
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, torch.dtype):
+        return str(value)
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict) and not isinstance(value, type):
+        return (type(value).__qualname__, freeze(to_dict()))
+    try:
+        hash(value)
+    except TypeError:
+        return (type(value).__qualname__, id(value))
+    return value
+
+
+def _keys_of(loaded: LoadedModel) -> tuple[Any, ...]:
+    """The registry key `loaded` is held under (its identity when it is not held)."""
+    from .registry import _registry, _registry_lock
+
+    with _registry_lock:
+        for key, held in _registry.items():
+            if held is loaded:
+                return key
+    return ("object", id(loaded))
+
+
+def _with_template(loaded: LoadedModel, template: str) -> LoadedModel:
+    """`loaded` with a tokenizer whose chat template is `template` (the weights are shared)."""
+    tokenizer = copy.copy(loaded.tokenizer)
+    tokenizer.chat_template = template
+    return LoadedModel(loaded.model, tokenizer, loaded.name, loaded.context_window)
 
 
 def check_source(
@@ -137,7 +292,7 @@ def check_source(
 
 def _resolve_source(
     text: str, gguf_file: str | None, root: str | os.PathLike | None, progress: bool,
-    allow_pickle: bool = False,
+    allow_pickle: bool = False, revision: str | None = None, local_files_only: bool = False,
 ) -> tuple[str, str | None, Callable[[], str]]:  # fmt: skip
     """Validate a source: `(registry name, gguf_file for the Hub, () -> from_pretrained path)`."""
     if text.startswith("bundled:"):
@@ -168,8 +323,10 @@ def _resolve_source(
         or text.lower().endswith(".gguf") or not _valid_hub_id(text)
     ):  # fmt: skip
         raise ModelLoadError(f"model path {text!r} does not exist; pass {_SOURCES_HELP}")
-    if not _in_hub_cache(text, gguf_file) and (reason := _hub_unreachable()):
-        raise _hub_error(text, reason, "not in the Hugging Face cache")
+    if not _in_hub_cache(text, gguf_file, revision):
+        reason = "local_files_only=True" if local_files_only else _hub_unreachable()
+        if reason:
+            raise _hub_error(text, reason, "not in the Hugging Face cache", revision)
     return text, gguf_file, lambda: text
 
 
@@ -183,12 +340,12 @@ def _valid_hub_id(text: str) -> bool:
     return True
 
 
-def _in_hub_cache(repo_id: str, gguf_file: str | None) -> bool:
+def _in_hub_cache(repo_id: str, gguf_file: str | None, revision: str | None = None) -> bool:
     """Whether the local Hugging Face cache holds the repo's config (or its GGUF file)."""
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        found = try_to_load_from_cache(repo_id, gguf_file or "config.json")
+        found = try_to_load_from_cache(repo_id, gguf_file or "config.json", revision=revision)
     except Exception:  # a malformed cache entry counts as absent
         return False
     return isinstance(found, str)
@@ -198,14 +355,16 @@ _SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def _cached_hub_weights(repo_id: str, gguf_file: str | None, allow_pickle: bool) -> bool | None:
+def _cached_hub_weights(
+    repo_id: str, gguf_file: str | None, allow_pickle: bool, revision: str | None = None
+) -> bool | None:
     """Whether the Hugging Face cache holds weights of the repo that may be loaded: `None` when
     it holds only pickled ones and `allow_pickle` is off."""
     if gguf_file:
-        return _in_hub_cache(repo_id, gguf_file)
-    if any(_in_hub_cache(repo_id, name) for name in _SAFE_WEIGHTS):
+        return _in_hub_cache(repo_id, gguf_file, revision)
+    if any(_in_hub_cache(repo_id, name, revision) for name in _SAFE_WEIGHTS):
         return True
-    if any(_in_hub_cache(repo_id, name) for name in _PICKLED_WEIGHTS):
+    if any(_in_hub_cache(repo_id, name, revision) for name in _PICKLED_WEIGHTS):
         return True if allow_pickle else None
     return False
 
@@ -224,6 +383,23 @@ def _hub_unreachable() -> str | None:
     parsed = urllib.parse.urlsplit(target if "//" in target else "//" + target)
     host = parsed.hostname or "huggingface.co"
     port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    # A failed probe is remembered for a while: the two models of a pair wait for one probe.
+    failed = _FAILED_PROBES.get((host, port))
+    if failed is not None and time.monotonic() - failed[0] < HUB_PROBE_MEMORY:
+        return failed[1]
+    reason = _probe(host, port)
+    if reason is None:
+        _FAILED_PROBES.pop((host, port), None)
+    else:
+        _FAILED_PROBES[(host, port)] = (time.monotonic(), reason)
+    return reason
+
+
+HUB_PROBE_MEMORY = 30.0  # seconds a failed probe stands for the next ones
+_FAILED_PROBES: dict[tuple[str, int], tuple[float, str]] = {}
+
+
+def _probe(host: str, port: int) -> str | None:
     outcome: list[BaseException | None] = []
 
     def probe() -> None:
@@ -243,11 +419,15 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _hub_error(repo_id: str, reason: str, cached: str) -> ModelLoadError:
+def _hub_error(
+    repo_id: str, reason: str, cached: str, revision: str | None = None
+) -> ModelLoadError:
+    at = f" at revision {revision!r}" if revision else ""
     return ModelLoadError(
         f"model={repo_id!r} is neither a local path nor reachable on the Hugging Face Hub: it is "
-        f"not a local folder or file, it is {cached}, and the Hub cannot be reached ({reason}); "
-        f"check the spelling, or download it while online; bundled models: " + ", ".join(_BUNDLED)
+        f"not a local folder or file, it is {cached}{at}, and the Hub cannot be reached "
+        f"({reason}); check the spelling, or download it while online (`hf download "
+        f"{repo_id}`); bundled models: " + ", ".join(_BUNDLED)
     )
 
 
@@ -277,7 +457,8 @@ def _pickle_error(name: str, files: list[str] | None = None) -> ModelLoadError:
 def _load_pretrained(
     where: str, *, gguf_file: str | None, dtype: torch.dtype, trust: bool, device_map: Any,
     device: str | None, progress: bool, allow_pickle: bool = False,
-    local_files_only: bool = False,
+    local_files_only: bool = False, revision: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:  # fmt: skip
     """`from_pretrained` for the model and its tokenizer (tests wrap this to count loads).
 
@@ -288,6 +469,8 @@ def _load_pretrained(
     extra: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     if local_files_only:
         extra["local_files_only"] = True
+    if revision is not None:
+        extra["revision"] = revision
     with _transformers_bars(progress):
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust, **extra)
         if device_map is not None:
@@ -295,7 +478,7 @@ def _load_pretrained(
         if not gguf_file and not allow_pickle:
             extra["use_safetensors"] = True
         net = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, trust_remote_code=trust, **extra
+            where, dtype=dtype, trust_remote_code=trust, **extra, **(model_kwargs or {})
         )
     # transformers types `to` through a decorator that mypy reads as taking the model first.
     return (net if device is None else net.to(device)), tokenizer  # type: ignore[arg-type]

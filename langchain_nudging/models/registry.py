@@ -94,17 +94,22 @@ def loaded_models() -> list[LoadedModel]:
         return list(_registry.values())
 
 
-def unload_model(model: LoadedModel | str | os.PathLike | tuple | torch.nn.Module) -> bool:
+def unload_model(
+    model: LoadedModel | str | os.PathLike | tuple | torch.nn.Module, *, variants: bool = True
+) -> bool:
     """Drop a model from the registry and free the CUDA cache. `model` is a `LoadedModel`, a source
     as given to `load_model` (dropping every dtype/device it was loaded with), a `(model,
-    tokenizer)` tuple or the torch model. Returns whether something was dropped. References held
-    elsewhere stay valid; the memory is freed once they are gone too."""
+    tokenizer)` tuple or the torch model; a `LoadedModel` drops every entry sharing its weights
+    (the same model with another chat template) unless `variants=False`. Returns whether
+    something was dropped.
+    References held elsewhere stay valid; the memory is freed once they are gone too."""
     if isinstance(model, (str, os.PathLike)):
         path = Path(os.fspath(model)).expanduser()
         source = str(path.resolve()) if path.exists() else os.fspath(model)
         return _drop(lambda key, _loaded: key[0] == source)
-    if isinstance(model, LoadedModel):
-        return _drop(lambda _key, loaded: loaded is model)
+    if isinstance(model, LoadedModel):  # with its other entries (its chat-template variants)
+        weights = model.model if variants else None
+        return _drop(lambda _key, loaded: loaded is model or loaded.model is weights)
     module = model[0] if isinstance(model, tuple) and model else model
     return _drop(lambda _key, loaded: loaded.model is module)
 
