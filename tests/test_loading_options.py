@@ -32,7 +32,7 @@ from langchain_nudging.models import (
     loaded_models,
 )
 from langchain_nudging.models import load as loading
-from langchain_nudging.serving import shared
+from langchain_nudging.serving import shared, unloading
 
 WORDS = ["<unk>", "<s>", "</s>", "the", "cat", "sat", "on", "mat", "a", "dog"]
 TEMPLATE = (
@@ -398,7 +398,7 @@ def test_keep_alive_unloads_an_idle_pair_with_one_bounded_timer(fresh_pair):
     llm.invoke("hi")
     engine = llm.get_engine()  # not a call: no timer of its own
     llm.invoke("hi again")  # a call cancels the pending timer and starts one as it ends
-    assert chat_module._IDLE.timers() == 1
+    assert unloading.IDLE.timers() == 1
     assert len(_keep_alive_threads()) == 1
     deadline = time.monotonic() + 10
     while not engine.closed and time.monotonic() < deadline:
@@ -407,7 +407,7 @@ def test_keep_alive_unloads_an_idle_pair_with_one_bounded_timer(fresh_pair):
     assert built_text_model(base) is None
     time.sleep(0.1)
     assert _keep_alive_threads() == []
-    assert chat_module._IDLE.timers() == 0
+    assert unloading.IDLE.timers() == 0
 
 
 @pytest.mark.timeout(60)
@@ -415,12 +415,12 @@ def test_keep_alive_never_unloads_during_a_call(fresh_pair):
     base, nudging = fresh_pair
     llm = NudgedChatModel(model=base, nudging_model=nudging, max_tokens=4, keep_alive=0.0)
     engine = llm.get_engine()
-    chat_module._IDLE.begin(engine)  # a call in flight
-    chat_module._IDLE.begin(engine)  # and another one
-    chat_module._IDLE.end(engine, 0.0)  # the second ends: the first still runs
+    unloading.IDLE.begin(engine)  # a call in flight
+    unloading.IDLE.begin(engine)  # and another one
+    unloading.IDLE.end(engine, 0.0)  # the second ends: the first still runs
     time.sleep(0.2)
     assert not engine.closed
-    chat_module._IDLE.end(engine, 0.0)
+    unloading.IDLE.end(engine, 0.0)
     deadline = time.monotonic() + 10
     while not engine.closed and time.monotonic() < deadline:
         time.sleep(0.05)

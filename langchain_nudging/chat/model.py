@@ -58,7 +58,6 @@ from ..backends.registry import (
     check_model_kwargs,
     check_spec,
     read_chat_template,
-    release_text_model,
     spec_label,
     text_model,
 )
@@ -68,6 +67,7 @@ from ..request import Mode, Request
 from ..serving import shared
 from ..serving.engine import NudgingEngine
 from ..serving.shared import shared_engine
+from ..serving.unloading import IDLE, unload
 from ..structured import OutputSpec
 from .chunks import Answer
 from .messages import check_input, to_chat_messages
@@ -504,23 +504,20 @@ class NudgedChatModel(_WithKnobs):
         built = [m for m in models if m is not None]
         if not built:
             return False
-        with shared._SHARED_LOCK:
-            pair = [
-                e
-                for e in shared._SHARED.values()
-                if e.pair.base is models[0] and e.pair.nudging is models[1]
-            ]
-        return _unload(pair[0] if pair else None, built)
+        engine = None
+        if models[0] is not None and models[1] is not None:
+            engine = shared.engine_of(models[0], models[1])
+        return unload(engine, built)
 
     def _engine_in_use(self, base: Any) -> NudgingEngine:
         """The shared engine, marked busy for ``keep_alive`` (an engine unloaded between being
         found and being marked is found again)."""
         for _attempt in range(3):
             engine = self.get_engine(base)
-            _IDLE.begin(engine)
+            IDLE.begin(engine)
             if not engine.closed:
                 return engine
-            _IDLE.end(engine, None)
+            IDLE.end(engine, None)
         return engine
 
     def _load_options(self) -> dict[str, Any]:
@@ -684,7 +681,7 @@ class NudgedChatModel(_WithKnobs):
         try:
             yield from self._stream_on(engine, call)
         finally:
-            _IDLE.end(engine, self.keep_alive)
+            IDLE.end(engine, self.keep_alive)
 
     def _stream_on(self, engine: NudgingEngine, call: Call) -> Iterator[ChatGenerationChunk]:
         engine.pair.prepare(call.request.output)
@@ -717,9 +714,9 @@ class NudgedChatModel(_WithKnobs):
         call = self._call(messages, stop, kwargs)
         engine = self._built_engine(call.base)
         if engine is not None:
-            _IDLE.begin(engine)
+            IDLE.begin(engine)
             if engine.closed:  # unloaded meanwhile
-                _IDLE.end(engine, None)
+                IDLE.end(engine, None)
                 engine = None
         if engine is None:  # a load never blocks the loop
             engine = await asyncio.to_thread(self._engine_in_use, call.base)
@@ -727,7 +724,7 @@ class NudgedChatModel(_WithKnobs):
             async for chunk in self._astream_on(engine, call):
                 yield chunk
         finally:
-            _IDLE.end(engine, self.keep_alive)
+            IDLE.end(engine, self.keep_alive)
 
     async def _astream_on(
         self, engine: NudgingEngine, call: Call
@@ -780,104 +777,3 @@ class NudgedChatModel(_WithKnobs):
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             chunks.append(chunk)
         return generate_from_stream(iter(chunks))  # merging chunks: no model work here
-
-
-# -- unloading ---------------------------------------------------------------------------------
-
-
-def _unload(engine: NudgingEngine | None, models: list[TextModel]) -> bool:
-    """Shut ``engine`` down and take it out of the shared engines, then release each of
-    ``models`` that no other shared engine uses (and the weights of those whose weights no
-    other engine's model shares, as a chat-template variant of a model does)."""
-    with shared._SHARED_LOCK:
-        if engine is not None:
-            for key, held in list(shared._SHARED.items()):
-                if held is engine:
-                    del shared._SHARED[key]
-        others = [
-            m
-            for e in shared._SHARED.values()
-            if not e.closed
-            for m in (e.pair.base, e.pair.nudging)
-        ]
-    in_use = {id(m) for m in others}
-    weights_in_use = {id(_weights(m)) for m in others if _weights(m) is not None}
-    if engine is not None:
-        _IDLE.cancel(engine)
-        engine.shutdown()
-    released = [
-        release_text_model(m, weights=id(_weights(m)) not in weights_in_use)
-        for m in {id(m): m for m in models}.values()
-        if id(m) not in in_use
-    ]
-    return engine is not None or any(released)
-
-
-def _weights(model: TextModel) -> Any:
-    """The torch model under a text model loaded in this process (``None`` for others)."""
-    return getattr(model, "model", None)
-
-
-class _IdleTimers:
-    """``keep_alive``: the engines in use, and one timer per idle engine that unloads it.
-
-    A call marks its engine busy (cancelling the engine's timer) and, as it ends, starts the
-    timer once no other call uses the engine. A timer that fires while a call is in flight, or
-    after it was replaced, does nothing; its thread ends either way.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.RLock()  # an expiring timer unloads (and cancels) under it
-        self._busy: dict[int, int] = {}
-        self._timers: dict[int, threading.Timer] = {}
-
-    def begin(self, engine: NudgingEngine) -> None:
-        with self._lock:
-            self._busy[id(engine)] = self._busy.get(id(engine), 0) + 1
-            timer = self._timers.pop(id(engine), None)
-        if timer is not None:
-            timer.cancel()
-
-    def end(self, engine: NudgingEngine, keep_alive: float | None) -> None:
-        with self._lock:
-            left = self._busy.get(id(engine), 1) - 1
-            if left > 0:
-                self._busy[id(engine)] = left
-                return
-            self._busy.pop(id(engine), None)
-            if keep_alive is None or engine.closed:
-                return
-            timer = threading.Timer(keep_alive, self._expire, (engine,))
-            timer.name = "nudging-keep-alive"
-            timer.daemon = True
-            old = self._timers.get(id(engine))
-            self._timers[id(engine)] = timer
-        if old is not None:
-            old.cancel()
-        timer.start()
-
-    def cancel(self, engine: NudgingEngine) -> None:
-        """Drop the engine's pending timer (it is being unloaded)."""
-        with self._lock:
-            timer = self._timers.pop(id(engine), None)
-        if timer is not None and timer is not threading.current_thread():
-            timer.cancel()
-
-    def _expire(self, engine: NudgingEngine) -> None:
-        with self._lock:
-            if (
-                self._busy.get(id(engine))
-                or self._timers.get(id(engine)) is not threading.current_thread()
-            ):
-                return
-            del self._timers[id(engine)]
-            # Under the lock: a call that finds the engine now sees it closed and reloads.
-            _unload(engine, [engine.pair.base, engine.pair.nudging])
-
-    def timers(self) -> int:
-        """How many timers are pending (for tests)."""
-        with self._lock:
-            return len(self._timers)
-
-
-_IDLE = _IdleTimers()

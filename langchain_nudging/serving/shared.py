@@ -39,3 +39,24 @@ def close_shared_engines() -> None:
         _SHARED.clear()
     for engine in engines:
         engine.shutdown()
+
+
+def engine_of(base: TextModel, nudging: TextModel) -> NudgingEngine | None:
+    """The shared engine of this pair, if one was made (nothing is made here)."""
+    with _SHARED_LOCK:
+        return _SHARED.get((id(base), id(nudging)))
+
+
+def forget_engine(engine: NudgingEngine | None) -> list[TextModel]:
+    """Take ``engine`` out of the shared engines (without shutting it down); returns the text
+    models the other open shared engines still use."""
+    with _SHARED_LOCK:
+        for key, held in list(_SHARED.items()):
+            if held is engine:
+                del _SHARED[key]
+        return [
+            model
+            for other in _SHARED.values()
+            if not other.closed
+            for model in (other.pair.base, other.pair.nudging)
+        ]
