@@ -257,3 +257,19 @@ def test_llamacpp_passes_every_penalty_and_runs_them_first() -> None:
     plain = LlamaCppModel.body(None, [1], SamplingConfig(), 1, 2, 0, True, False)  # type: ignore[arg-type]
     assert plain["samplers"] == ["top_k", "top_p", "temperature"]
     assert plain["repeat_penalty"] == 1.0
+
+
+def test_a_per_call_penalty_reaches_both_models(llama_a: LoadedModel, gemma_b: LoadedModel) -> None:
+    from langchain_nudging import NudgedChatModel, NudgingPair
+    from langchain_nudging.backends.registry import text_model
+    from langchain_nudging.request import Request
+
+    chat = NudgedChatModel(model=llama_a, nudging_model=gemma_b, max_tokens=30)
+    question = "Tell me a story."
+    penalized = chat.invoke(question, repetition_penalty=1.5).content
+    assert penalized != chat.invoke(question).content
+    pair = NudgingPair(text_model(llama_a), text_model(gemma_b))
+    sampling = SamplingConfig(repetition_penalty=1.5)
+    config = NudgingConfig(max_tokens=30, base_sampling=sampling, nudging_sampling=sampling)
+    generation = pair.generate(Request([ChatMessage("user", question)], config))
+    assert "".join(s.text for s in generation) == penalized
