@@ -28,10 +28,68 @@ class SamplingConfig(BaseModel):
         le=2**64 - 1,
         description="Seed of this model's random generator (sampling only); in [0, 2**64 - 1].",
     )
+    # Repetition controls (docs/generation.md). Their context is the answer so far, in this
+    # model's own tokens (both models' text), never the prompt.
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=10.0,
+        description=(
+            "Divides the positive logits (multiplies the negative ones) of tokens already in "
+            "the answer, as transformers does (CTRL); 1 = off, > 1 discourages repeats; "
+            "in (0, 10]."
+        ),
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description=(
+            "Subtracted from a token's logit once per time it is already in the answer "
+            "(OpenAI's definition); 0 = off; in [-2, 2]."
+        ),
+    )
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        description=(
+            "Subtracted from the logit of every token already in the answer (OpenAI's "
+            "definition); 0 = off; in [-2, 2]."
+        ),
+    )
+    no_repeat_ngram_size: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "Never write an n-gram of this many tokens that is already in the answer; "
+            "0 = off; in [0, 64]."
+        ),
+    )
+    min_p: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Sampling only: drop tokens less likely than min_p times the most likely one "
+            "(after temperature); 0 = off; in [0, 1]."
+        ),
+    )
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether a choice depends on the answer so far, not only on the next logits."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+            or self.no_repeat_ngram_size > 0
+        )
 
 
 def confident(top1_prob: float, gamma: float) -> bool:
@@ -149,4 +207,14 @@ ALGORITHM_KNOBS: tuple[str, ...] = (
     "min_repeat_chars",
 )
 #: The sampling knobs (SamplingConfig), applied to both models unless set per model.
-SAMPLING_KNOBS: tuple[str, ...] = ("temperature", "top_p", "top_k", "seed")
+SAMPLING_KNOBS: tuple[str, ...] = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+    "no_repeat_ngram_size",
+    "min_p",
+)

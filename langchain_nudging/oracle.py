@@ -439,6 +439,10 @@ def independent_nudge(
         raise ValueError(f"mode: {mode!r}")
     if not (config.base_sampling.greedy and config.nudging_sampling.greedy):
         raise ValueError("the independent oracle is greedy only")
+    if config.base_sampling.penalized or config.nudging_sampling.penalized:
+        raise ValueError(
+            "the independent oracle has no repetition controls (reference_nudge has them)"
+        )
     b, n = _Lm(base), _Lm(nudging)
     decisions: list[Tok] = []
 

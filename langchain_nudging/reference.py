@@ -13,12 +13,13 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
 
 from .algorithm import NudgingRun
 from .backends.base import SessionStats, Token
-from .backends.cached import CARRY_TOKENS, cut_window
+from .backends.cached import CARRY_TOKENS, common_prefix_length, cut_window
 from .backends.hf import TokenChooser, TokenizerText
+from .backends.penalties import AfterPrompt, penalty_processors
 from .config import NudgingConfig, SamplingConfig
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class ReferenceSession:
         self._prompt = prompt
         owner.text.encode(prompt)
         self._chooser = TokenChooser(sampling, owner.model.device)
+        self._prompt_ids = owner.text.encode(prompt)
         self._forward_passes = 0
         self._tokens_processed = 0
 
@@ -62,7 +64,8 @@ class ReferenceSession:
         ).logits[0, -1]
         self._forward_passes += 1
         self._tokens_processed += len(ids)
-        token_id, top1, top2 = self._chooser.choose(logits)
+        start = common_prefix_length(self._prompt_ids, ids)
+        token_id, top1, top2 = self._chooser.choose(logits, None, ids[start:])
         return Token(text.texts(ids, [token_id])[0], top1, top2, token_id in text.stop_ids)
 
     def peek_each(self, answers: Sequence[str]) -> Iterator[Token]:
@@ -104,15 +107,22 @@ class ReferenceSession:
             top_k=sampling.top_k or None,
             eos_token_id=sorted(text.stop_ids),
             pad_token_id=text.tokenizer.pad_token_id or sorted(text.stop_ids)[0],
+            min_p=sampling.min_p or None,
             output_logits=True,
             return_dict_in_generate=True,
         )
+        # The repetition controls read the answer only: the ids after the prompt's.
+        processors = LogitsProcessorList()
+        if sampling.penalized:
+            start = common_prefix_length(self._prompt_ids, ids)
+            processors.append(AfterPrompt(penalty_processors(sampling), start))
         device = self._owner.model.device
         # nn.Module's __getattr__ typing hides GenerationMixin.generate from type checkers.
         result = self._owner.model.generate(  # type: ignore[operator]
             input_ids=torch.tensor([ids], device=device),
             attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
             generation_config=config,
+            logits_processor=processors,
         )
         self._forward_passes += len(result.logits)
         self._tokens_processed += len(ids) + len(result.logits) - 1

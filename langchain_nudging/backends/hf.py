@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from transformers import (
     LogitsProcessorList,
+    MinPLogitsWarper,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -15,6 +17,7 @@ from transformers import (
 from ..config import SamplingConfig
 from .base import ContextWindowError, controls_of
 from .cached import PromptEncoder, cuts_at_words
+from .penalties import AnswerPenalties
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -232,24 +235,34 @@ class TokenChooser:
                 warpers.append(TopKLogitsWarper(sampling.top_k))
             if sampling.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(sampling.top_p))
+            if sampling.min_p:
+                warpers.append(MinPLogitsWarper(sampling.min_p))
             self.generator = torch.Generator(device=device)
             if sampling.seed is not None:
                 self.generator.manual_seed(sampling.seed)
             else:
                 self.generator.seed()
         self.warpers = warpers
+        #: The repetition controls, when any is on: a choice then depends on the answer ids.
+        self.penalties = AnswerPenalties(sampling) if sampling.penalized else None
 
     def choose(
-        self, logits: torch.Tensor, allowed: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor,
+        allowed: torch.Tensor | None = None,
+        answer_ids: Sequence[int] = (),
     ) -> tuple[int, float, float]:
         """``(id, top1_prob, top2_prob)`` for one position's logits (shape ``[vocab]``).
 
-        ``allowed`` (a boolean mask, e.g. a grammar's) limits which id is picked; the
+        ``allowed`` (a boolean mask, e.g. a grammar's) limits which id is picked, and the
+        repetition controls read ``answer_ids`` (the answer's ids before this position); the
         probabilities stay those of the raw softmax (docs/algorithm.md, rule 6).
         """
         logits = logits.float()
         top = torch.topk(torch.softmax(logits, dim=-1), 2)
         probs = top.values.tolist()
+        if self.penalties is not None:
+            return self._penalized(logits, allowed, answer_ids, probs)
         if allowed is not None:
             logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
             if self.generator is None:
@@ -258,4 +271,26 @@ class TokenChooser:
             return int(top.indices[0]), probs[0], probs[1]
         scores = self.warpers(None, logits[None, :])  # type: ignore[arg-type]
         picked = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=self.generator)
+        return int(picked[0, 0]), probs[0], probs[1]
+
+    def _penalized(
+        self,
+        logits: torch.Tensor,
+        allowed: torch.Tensor | None,
+        answer_ids: Sequence[int],
+        probs: list[float],
+    ) -> tuple[int, float, float]:
+        """A choice under the repetition controls: penalties on the raw logits, then the
+        mask, then greedy or the warpers. Where the penalties leave no allowed token (an
+        n-gram ban on every token a grammar allows), the choice is made without them."""
+        assert self.penalties is not None
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+        scores = self.penalties(answer_ids, logits)
+        if not bool(torch.isfinite(scores).any()):
+            scores = logits
+        if self.generator is None:
+            return int(torch.argmax(scores)), probs[0], probs[1]
+        warped = self.warpers(None, scores[None, :])  # type: ignore[arg-type]
+        picked = torch.multinomial(torch.softmax(warped, dim=-1), 1, generator=self.generator)
         return int(picked[0, 0]), probs[0], probs[1]

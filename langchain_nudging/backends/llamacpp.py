@@ -64,6 +64,7 @@ from .cached import (
     cuts_at_words,
 )
 from .http import ServerClient, ServerError, check_params, register_dialect, resumed
+from .penalties import server_refusal
 
 #: Candidates asked for per constrained choice, in turn, until the grammar allows one.
 GRAMMAR_CANDIDATES = (32, 1024, 1 << 20)
@@ -212,6 +213,8 @@ class LlamaCppModel:
         grammar: str | None = None,
         scheduler: Scheduler = RUN_ALONE,
     ) -> LlamaCppSession:
+        # llama-server has no n-gram ban (its DRY sampler is another rule).
+        server_refusal(sampling, self.url, ("no_repeat_ngram_size",))
         return LlamaCppSession(self, prompt, sampling, grammar, scheduler)
 
     def prompt_tokens(self, prompt: str) -> int:
@@ -314,24 +317,35 @@ class LlamaCppModel:
             "id_slot": slot,
             "stream": stream,
             "post_sampling_probs": False,
-            # Only temperature, top_p and top_k shape the choice, as in this process.
+            # Only these shape the choice, as in this process (n_probs are taken before any
+            # of them). The server's penalties read the last repeat_last_n ids it read.
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "top_k": sampling.top_k,
-            "min_p": 0.0,
+            "min_p": sampling.min_p,
             "typical_p": 1.0,
-            "repeat_penalty": 1.0,
-            "presence_penalty": 0.0,
-            "frequency_penalty": 0.0,
+            "repeat_penalty": sampling.repetition_penalty,
+            "presence_penalty": sampling.presence_penalty,
+            "frequency_penalty": sampling.frequency_penalty,
             "dry_multiplier": 0.0,
             "xtc_probability": 0.0,
             "n_indent": 0,
-            "samplers": ["top_k", "top_p", "temperature"],
+            "samplers": _samplers(sampling),
         }
         if sampling.seed is not None:
             # One seed per position: a choice does not depend on how many calls came before.
             body["seed"] = (sampling.seed + len(ids)) % (1 << 32)
         return body
+
+
+def _samplers(sampling: SamplingConfig) -> list[str]:
+    """The server's sampler chain: this process's order (penalties on the raw logits first)."""
+    chain = ["top_k", "top_p", "temperature"]
+    if sampling.min_p:
+        chain.insert(2, "min_p")
+    if sampling.penalized:
+        chain.insert(0, "penalties")
+    return chain
 
 
 def _greedy() -> SamplingConfig:

@@ -181,6 +181,10 @@ class LocalSession(CachedSession):
         self._scheduler = scheduler
         super().__init__(owner.text, prompt, grammar)  # fails on an over-long prompt
         self._chooser = TokenChooser(sampling, owner.device)
+        # The repetition controls read the answer's ids: those after the prompt's. A choice
+        # is still a function of the ids before it, so the choice tree stays valid.
+        self._penalized = sampling.penalized
+        self._prompt_ids = self._encoder.encode("") if self._penalized else []
         # Full-length layers even for sliding-window models: the attention mask still applies
         # the window, and the cache can be cropped anywhere (transformers' sliding layers
         # refuse to crop once they have seen a whole window).
@@ -203,8 +207,13 @@ class LocalSession(CachedSession):
     ) -> list[Choice]:
         rows = self._logits_after(ids, lengths)
         matcher = self._matcher
+        start = common_prefix_length(self._prompt_ids, ids) if self._penalized else 0
         return [
-            self._chooser.choose(row, None if matcher is None else matcher.allowed(grammar_ids[n]))
+            self._chooser.choose(
+                row,
+                None if matcher is None else matcher.allowed(grammar_ids[n]),
+                ids[start:n] if self._penalized else (),
+            )
             for n, row in zip(lengths, rows, strict=True)
         ]
 

@@ -45,6 +45,7 @@ from .chat_template import template_of
 from .grammar import AnswerMatcher, GrammarTokenizer
 from .hf import TokenizerText
 from .http import ServerClient, ServerError, resumed
+from .penalties import server_refusal
 
 #: Allowed tokens up to which a constrained choice is one call restricted to them.
 RESTRICT_AT_ONCE = 4096
@@ -105,6 +106,15 @@ class TokenServerModel(ABC):
         #: Whether log-probabilities are raw for sampled requests too (greedy ones always are).
         self.raw_when_sampling = True
 
+    #: Repetition controls this dialect cannot apply over the answer so far: the engines'
+    #: frequency and presence penalties count only a completion's own tokens (the answer is
+    #: sent as the prompt), and they have no n-gram ban.
+    unsupported_controls: tuple[str, ...] = (
+        "frequency_penalty",
+        "presence_penalty",
+        "no_repeat_ngram_size",
+    )
+
     def check_tokenizer(self, server_ids: list[int]) -> None:
         """Refuse a local tokenizer that does not tokenize the sample as the server does."""
         mine = self.text.encode_plain(_SAMPLE)
@@ -158,6 +168,7 @@ class TokenServerModel(ABC):
                 "requests, so gamma cannot be measured on them: use temperature 0, or start "
                 "the server so that it returns raw ones (SGLang: SGLANG_RETURN_ORIGINAL_LOGPROB=1)"
             )
+        server_refusal(sampling, self.url, self.unsupported_controls)
         return TokenServerSession(self, prompt, sampling, grammar, scheduler)
 
     def prompt_tokens(self, prompt: str) -> int:
@@ -236,9 +247,11 @@ class TokenServerSession(CachedSession):
     ) -> list[Choice]:
         if self._matcher is not None:
             return [self._constrained(ids[:n], grammar_ids[n]) for n in lengths]
-        if self._sampling.greedy:
+        if self._sampling.greedy and not self._sampling.penalized:
             return self._ask([ids[:n] for n in lengths])  # one call for every boundary
-        return [self._ask([ids[:n]])[0] for n in lengths]  # each with its position's seed
+        # Each with its position's seed; a penalized choice is the server's over its own
+        # prompt (one call may read shorter prompts' choices from raw prompt log-probabilities).
+        return [self._ask([ids[:n]])[0] for n in lengths]
 
     def _constrained(self, ids: list[int], grammar_ids: list[int]) -> Choice:
         assert isinstance(self._matcher, AnswerMatcher)

@@ -118,10 +118,11 @@ class SGLangModel(TokenServerModel):
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "top_k": sampling.top_k or -1,
-            "min_p": 0.0,
+            "min_p": sampling.min_p,
+            # Frequency and presence count only this completion's tokens: refused at session.
             "frequency_penalty": 0.0,
             "presence_penalty": 0.0,
-            "repetition_penalty": 1.0,
+            "repetition_penalty": sampling.repetition_penalty,
             "skip_special_tokens": False,
             "no_stop_trim": True,
         }

@@ -128,12 +128,14 @@ class VLLMModel(TokenServerModel):
             "return_tokens_as_token_ids": True,
             "return_token_ids": True,
             "stream": stream,
-            # Only temperature, top_p and top_k shape the choice, as in this process.
+            # Only these shape the choice, as in this process (raw_logprobs are taken before
+            # any of them). vLLM's frequency and presence penalties count only the tokens of
+            # this completion, not the answer sent as its prompt: they are refused at session.
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "top_k": sampling.top_k or -1,
-            "min_p": 0.0,
-            "repetition_penalty": 1.0,
+            "min_p": sampling.min_p,
+            "repetition_penalty": sampling.repetition_penalty,
             "presence_penalty": 0.0,
             "frequency_penalty": 0.0,
             "skip_special_tokens": False,
