@@ -420,3 +420,14 @@ def render_prompts(
 
 def _join(system: str, instructions: str) -> str:
     return "\n\n".join(p for p in (system, instructions) if p)
+
+
+def after_tool_result(messages: Sequence[ChatMessage]) -> bool:
+    """Whether a tool's result came in after the conversation's last user message: the answer
+    is then expected to use it (``Generation._decide_call``)."""
+    for message in reversed(messages):
+        if message.role == "tool":
+            return True
+        if message.role == "user":
+            return False
+    return False

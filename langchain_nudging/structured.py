@@ -29,6 +29,11 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 #: A text answer when tools are bound: anything that does not start with "{" (which starts a
 #: tool call) or with whitespace.
 FREE_TEXT = r"/[^{\s][\s\S]*/"
+#: ``call_threshold``: the threshold measured for the pair (serving/generation.py).
+CALIBRATED = "calibrated"
+#: Most calls in one answer (``parallel_calls``): a small model left free may list calls
+#: until the budget ends.
+MAX_PARALLEL_CALLS = 4
 
 
 class GrammarError(ValueError):
@@ -97,9 +102,13 @@ class OutputSpec:
     prompts only ask for JSON: describe the fields in the prompt). ``max_string_length`` caps
     every JSON string whose schema sets no length, enum, const or pattern: small models can
     loop inside a string until the budget ends, and the cap closes the string instead.
-    ``call_threshold`` (``"auto"`` only): before the answer starts, the deciding model's
-    probability of starting a tool call is measured; at or above the threshold the answer is a
-    call, below it a non-call answer. ``None`` leaves the choice to the models' first tokens.
+    ``call_threshold`` (``"auto"`` only): the call/no-call choice is made before the answer
+    starts, from the deciding model's probability of starting a tool call (serving/generation.py
+    ``Generation._decide_call``). A number: a call at or above that probability.
+    ``"calibrated"``: a call when the call score (that probability, weighted by how much
+    showing the tools raised it) reaches the threshold measured for the pair. ``None`` leaves
+    the choice to the models' first tokens. ``parallel_calls``: a call answer may hold several
+    calls, one JSON object a line (``parallel_tool_calls`` not ``False``).
     """
 
     tools: tuple[ToolSpec, ...] = ()
@@ -107,7 +116,8 @@ class OutputSpec:
     schema: dict[str, Any] | None = None
     json_object: bool = False
     max_string_length: int | None = None
-    call_threshold: float | None = None
+    call_threshold: float | str | None = None
+    parallel_calls: bool = False
 
     def __post_init__(self) -> None:
         # One tool per name: the same tool given twice counts once; of two different tools
@@ -134,8 +144,12 @@ class OutputSpec:
                 )
         elif self.tool_choice == "required" and not self.tools:
             raise ValueError("tool_choice='required' but no tools are bound")
-        if self.call_threshold is not None and not 0.0 <= self.call_threshold <= 1.0:
-            raise ValueError(f"call_threshold must be in [0, 1], got {self.call_threshold}")
+        threshold = self.call_threshold
+        if isinstance(threshold, str):
+            if threshold != CALIBRATED:
+                raise ValueError(f"call_threshold: {threshold!r} is not {CALIBRATED!r}")
+        elif threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"call_threshold must be in [0, 1], got {threshold}")
         if self.max_string_length is not None and self.max_string_length < 1:
             raise ValueError(f"max_string_length must be >= 1, got {self.max_string_length}")
         _ = self.grammar  # compiled here: a schema the library cannot take fails at once

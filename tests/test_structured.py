@@ -472,6 +472,68 @@ def test_call_threshold_decides_between_a_call_and_text_up_front(
         assert not generation.text.lstrip().startswith("{")
 
 
+def test_a_no_call_decision_answers_as_if_no_tools_were_bound(pair: NudgingPair) -> None:
+    """Decided "no call": both prompts are those of the same request with no tools bound (no
+    tool list, no call format), and the answer is the ``tool_choice="none"`` one: the same
+    text with only the grammar's first-character rule (no ``{``) kept. On real models that
+    rule changes nothing (integration_tests/test_agents.py compares with no tools bound)."""
+    config = NudgingConfig(max_tokens=40)
+    plain = pair.generate(Request(ASK, config))
+    none = pair.generate(Request(ASK, config, output=OutputSpec((ADD, PING), "none")))
+    list(none)
+    for threshold in (1.0, "calibrated"):
+        spec = OutputSpec((ADD, PING), "auto", call_threshold=threshold)
+        decided = pair.generate(Request(ASK, config, output=spec))
+        assert "add" in decided.prompts.base  # rendered for the decision: tools shown
+        list(decided)
+        if threshold == "calibrated" and spec.parse(decided.text) is not None:
+            continue  # the tiny models' score chose a call: nothing to compare
+        assert decided.prompts.base == plain.prompts.base
+        assert decided.prompts.nudging == plain.prompts.nudging
+        assert decided.prompts.stop == plain.prompts.stop
+        assert decided.text == none.text
+        assert decided.stats.call_probability is not None
+
+
+def test_the_calibrated_decision_compares_the_call_score(pair: NudgingPair) -> None:
+    from langchain_nudging.serving.generation import call_score_threshold
+
+    spec = OutputSpec((ADD, PING), "auto", call_threshold="calibrated")
+    generation = pair.generate(Request(ASK, NudgingConfig(max_tokens=200), output=spec))
+    list(generation)
+    stats = generation.stats
+    assert stats.call_probability is not None
+    assert stats.call_score is not None
+    assert stats.call_score > 0
+    called = spec.parse(generation.text) is not None
+    assert called is (stats.call_score >= call_score_threshold(pair.nudging.name))
+    with pytest.raises(ValueError, match="call_threshold: 'sometimes'"):
+        OutputSpec((ADD,), "auto", call_threshold="sometimes")
+
+
+def test_right_after_a_tool_result_the_answer_uses_it_instead_of_calling_again(
+    pair: NudgingPair,
+) -> None:
+    """Even a threshold of 0 (always call) does not call again right after a result, unless
+    the call probability reaches AFTER_RESULT_CALL_PROBABILITY; a new user turn resets it."""
+    history = [
+        *ASK,
+        ChatMessage("assistant", "", (ToolCall("add", {"a": 2, "b": 3}, "c1"),)),
+        ChatMessage("tool", "5", name="add", tool_call_id="c1"),
+    ]
+    spec = OutputSpec((ADD, PING), "auto", call_threshold=0.0)
+    generation = pair.generate(Request(history, NudgingConfig(max_tokens=40), output=spec))
+    list(generation)
+    probability = generation.stats.call_probability
+    assert probability is not None
+    assert probability < 0.99
+    assert spec.parse(generation.text) is None, generation.text
+    again = [*history, ChatMessage("user", "And 4 + 4?")]
+    generation = pair.generate(Request(again, NudgingConfig(max_tokens=200), output=spec))
+    list(generation)
+    assert spec.parse(generation.text) is not None
+
+
 def test_call_threshold_in_the_chat_model(llama_a: Any, gemma_b: Any) -> None:
     eager = NudgedChatModel(
         model=llama_a, nudging_model=gemma_b, max_tokens=200, tool_call_threshold=0.0

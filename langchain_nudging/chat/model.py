@@ -16,7 +16,7 @@ import asyncio
 import os
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import (
@@ -172,12 +172,17 @@ class NudgedChatModel(_WithKnobs):
     """Longest JSON string (in characters) in a tool call or structured answer whose schema
     sets no length of its own: small models can loop inside a string until ``max_tokens``
     ends the answer mid-JSON; the grammar closes the string instead. ``None``: no cap."""
-    tool_call_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    """With ``tool_choice="auto"``: ``None`` lets the models' first tokens choose between a
-    tool call and another answer. A number in [0, 1] decides up front: the answer is a call when
-    the nudging model's probability of starting one is at least this. Small models rarely put
-    much probability on a call even when one fits (docs/tools.md has measured values). It needs
-    a nudging model that can measure a grammar's probability mass."""
+    tool_call_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["calibrated"] | None = (
+        "calibrated"
+    )
+    """With ``tool_choice="auto"``, how the answer chooses between a tool call and another
+    answer, before it starts (docs/tools.md). ``"calibrated"`` (default): a call when the
+    nudging model's call score (its probability of starting a call with the tools shown,
+    weighted by how much showing them raised it) reaches the threshold measured for the pair;
+    right after a tool's result, only when that probability is at least 0.99. A number in
+    [0, 1]: a call when the probability is at least this. ``None``: the models' first tokens
+    choose. A number needs a nudging model that can measure a grammar's probability mass;
+    ``"calibrated"`` falls back to the first tokens on one that cannot."""
 
     # -- LangChain -------------------------------------------------------------------------
     streaming: bool = False

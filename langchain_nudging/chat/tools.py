@@ -104,7 +104,8 @@ def output_spec(
     tool_choice: Any,
     response_format: Any,
     max_string_length: int | None = None,
-    call_threshold: float | None = None,
+    call_threshold: float | str | None = None,
+    parallel_calls: bool = False,
 ) -> OutputSpec:
     """Everything a call says about its output, validated; the grammar is compiled here."""
     specs = tuple(
@@ -127,6 +128,7 @@ def output_spec(
         json_object=json_mode,
         max_string_length=max_string_length,
         call_threshold=call_threshold,
+        parallel_calls=parallel_calls,
     )
 
 
