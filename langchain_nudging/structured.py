@@ -171,6 +171,11 @@ class OutputSpec:
         return bool(self.tools) or self.json_answer
 
     @property
+    def several_calls(self) -> bool:
+        """Whether an answer may hold several calls (a named tool's call is one)."""
+        return self.parallel_calls and self.tool_choice in ("auto", "required") and bool(self.tools)
+
+    @property
     def json_answer(self) -> bool:
         """Whether an answer that is not a call must be JSON (a schema, or JSON mode)."""
         return self.schema is not None or self.json_object
@@ -190,8 +195,10 @@ class OutputSpec:
 
     @property
     def call_grammar(self) -> str:
-        """The grammar of a call alone (what :attr:`call_threshold` measures)."""
-        return replace(self, tool_choice="required", call_threshold=None).grammar or ""
+        """The grammar of one call alone (what :attr:`call_threshold` measures: the mass of
+        the tokens that start a call, ``{``; an array of calls starts with ``[``)."""
+        single = replace(self, tool_choice="required", call_threshold=None, parallel_calls=False)
+        return single.grammar or ""
 
     @property
     def json_only(self) -> bool:
@@ -210,6 +217,11 @@ class OutputSpec:
             schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
             rules.append("call: %json " + self._json(schema))
             alternatives.append("call")
+            if self.several_calls:
+                several = {"type": "array", "items": schema, "minItems": 2}
+                several["maxItems"] = MAX_PARALLEL_CALLS
+                rules.append("calls: %json " + self._json(several))
+                alternatives.append("calls")
         if not self.must_call:
             if self.json_answer:
                 answer = self.schema or any_json_object(self.max_string_length)
@@ -258,6 +270,10 @@ class OutputSpec:
                 )
             else:
                 parts.append(f"Answer with nothing but one tool call, a JSON object: {form}.")
+            if self.parallel_calls and self.tool_choice == "required":
+                parts.append(
+                    "To make several calls at once, answer with a JSON array of such objects."
+                )
         if self.schema is not None and not self.json_object and not self.must_call:
             parts.append(
                 "Answer with a JSON object that matches this JSON schema:\n" + _dumps(self.schema)
@@ -267,16 +283,24 @@ class OutputSpec:
         return "\n\n".join(parts)
 
     def parse(self, text: str) -> ToolCall | None:
-        """The tool call an answer makes, or ``None`` for a text or JSON answer.
+        """The (first) tool call an answer makes, or ``None`` for a text or JSON answer.
 
         Raises :class:`IncompleteAnswerError` when a constrained answer is incomplete (the
         budget or a stop rule ended it before its JSON closed).
         """
+        calls = self.parse_calls(text)
+        return calls[0] if calls else None
+
+    def parse_calls(self, text: str) -> list[ToolCall]:
+        """The tool calls an answer makes: one, several (a JSON array of calls, with
+        :attr:`parallel_calls`) or none (a text or JSON answer); raises like :meth:`parse`."""
         if not self.constrained:
-            return None
+            return []
         stripped = text.strip()
-        if not stripped.startswith("{") and not self.must_call and not self.json_answer:
-            return None  # a text answer in "auto" mode
+        several = self.several_calls and stripped.startswith("[")
+        text_answer = not self.must_call and not self.json_answer
+        if not stripped.startswith("{") and not several and text_answer:
+            return []  # a text answer in "auto" mode
         try:
             value = json.loads(stripped)
         except json.JSONDecodeError:
@@ -284,6 +308,11 @@ class OutputSpec:
             raise IncompleteAnswerError(
                 f"the answer ended before its {what} was complete: {text!r}"
             ) from None
+        items = value if several and isinstance(value, list) else [value]
+        calls = [call for item in items if (call := self._call(item)) is not None]
+        return calls if len(calls) == len(items) else []
+
+    def _call(self, value: Any) -> ToolCall | None:
         names = {tool.name for tool in self.callable_tools}
         if (
             isinstance(value, dict)

@@ -319,6 +319,12 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+@tool
+def ping() -> str:
+    """Check the service."""
+    return "ok"
+
+
 @pytest.fixture
 def chat(llama_a: Any, gemma_b: Any) -> NudgedChatModel:
     return NudgedChatModel(model=llama_a, nudging_model=gemma_b, max_tokens=200)
@@ -352,7 +358,7 @@ def test_bind_tools_refuses_bad_input_before_anything_runs(chat: NudgedChatModel
 def test_a_forced_call_comes_back_as_tool_calls_and_streams_as_chunks(
     chat: NudgedChatModel,
 ) -> None:
-    bound = chat.bind_tools([add], tool_choice="any")
+    bound = chat.bind_tools([add], tool_choice="any", parallel_tool_calls=False)
     message = bound.invoke("What is 2 + 3?")
     assert isinstance(message, AIMessage)
     assert message.content == ""
@@ -449,6 +455,97 @@ def test_tool_call_stream_holds_the_closing_brace_until_the_end() -> None:
         cut.finish()
 
 
+TWO_CALLS = '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "ping", "arguments": {}}]'
+
+
+def test_several_calls_are_a_json_array_that_the_grammar_allows_and_parse_reads(
+    byte_tokenizer: Any,
+) -> None:
+    import llguidance.hf
+
+    tokenizer = llguidance.hf.from_tokenizer(byte_tokenizer)
+
+    spec = OutputSpec((ADD, PING), "required", parallel_calls=True)
+    assert spec.parse_calls(TWO_CALLS) == [ToolCall("add", {"a": 1, "b": 2}), ToolCall("ping", {})]
+    assert spec.parse(TWO_CALLS) == ToolCall("add", {"a": 1, "b": 2})
+    assert "JSON array" in spec.instructions()
+    assert spec.grammar is not None
+    one = OutputSpec((ADD, PING), "required")  # parallel_tool_calls=False: one call at most
+    assert one.grammar is not None
+    assert "JSON array" not in one.instructions()
+    assert one.parse_calls(TWO_CALLS) == []
+
+    def allows(grammar: str, text: str) -> bool:
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        ids = tokenizer.tokenize_str(text)
+        return bool(matcher.consume_tokens(ids)) and matcher.is_accepting()
+
+    assert allows(spec.grammar, TWO_CALLS)
+    assert not allows(one.grammar, TWO_CALLS)
+    assert allows(one.grammar, '{"name": "ping", "arguments": {}}')
+    five = "[" + ", ".join(['{"name": "ping", "arguments": {}}'] * 5) + "]"
+    assert not allows(spec.grammar, five)  # at most MAX_PARALLEL_CALLS calls
+    # The call threshold measures the mass of one call's start, with or without arrays.
+    assert spec.call_grammar == one.call_grammar
+
+
+def test_several_calls_stream_as_chunks_with_indices() -> None:
+    spec = output_spec([add_tool(), ping_tool()], "auto", None, None, parallel_calls=True)
+    stream = ToolCallStream(spec)
+    pieces = [TWO_CALLS[i : i + 7] for i in range(0, len(TWO_CALLS), 7)]
+    chunks = [c for piece in pieces for c in stream.add(piece)[1]]
+    content, rest = stream.finish()
+    assert content == ""
+    chunks += rest
+    names = [(c["index"], c["name"]) for c in chunks if c["name"]]
+    assert names == [(0, "add"), (1, "ping")]
+    ids = [c["id"] for c in chunks if c["id"]]
+    assert len(set(ids)) == 2
+    args = {i: "".join(c["args"] or "" for c in chunks if c["index"] == i) for i in (0, 1)}
+    assert args == {0: '{"a": 1, "b": 2}', 1: "{}"}
+    merged = AIMessageChunk(content="")
+    for chunk in chunks:
+        merged += AIMessageChunk(content="", tool_call_chunks=[chunk])
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [
+        ("add", {"a": 1, "b": 2}),
+        ("ping", {}),
+    ]
+    assert stream.is_call
+
+
+def test_an_answer_with_several_calls_renders_each_in_the_history(sp_tokenizer: Any) -> None:
+    calls = (ToolCall("add", {"a": 1, "b": 2}, "c1"), ToolCall("ping", {}, "c2"))
+    history = [
+        *ASK,
+        ChatMessage("assistant", "", calls),
+        ChatMessage("tool", "3", name="add", tool_call_id="c1"),
+        ChatMessage("tool", "ok", name="ping", tool_call_id="c2"),
+    ]
+    prompts = render_prompts(history, template_of(sp_tokenizer), None, OutputSpec((ADD, PING)))
+    assert calls[0].text() + "\n" + calls[1].text() in prompts.base
+    assert "Result: 3\nResult: ok\nAnswer: " in prompts.base
+    assert "Result of add: 3" in prompts.nudging
+    assert "Result of ping: ok" in prompts.nudging
+
+
+def test_a_forced_parallel_answer_end_to_end(chat: NudgedChatModel) -> None:
+    """Tiny models, tool_choice="any": the answer is one call or an array of calls, every one
+    a bound tool's with valid arguments, their chunks indexed in order."""
+    bound = chat.bind_tools([add, ping], tool_choice="any")
+    message = bound.invoke("Add 1 and 2, and check the service.")
+    assert isinstance(message, AIMessage)
+    assert message.tool_calls
+    for call in message.tool_calls:
+        assert call["name"] in ("add", "ping")
+    assert len({c["id"] for c in message.tool_calls}) == len(message.tool_calls)
+    single = chat.bind_tools([add, ping], tool_choice="any", parallel_tool_calls=False)
+    assert len(single.invoke("Add 1 and 2, and check the service.").tool_calls) == 1
+
+
+def ping_tool() -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "ping", "description": "", "parameters": {}}}
+
+
 def add_tool() -> dict[str, Any]:
     return {
         "type": "function",
@@ -538,7 +635,7 @@ def test_call_threshold_in_the_chat_model(llama_a: Any, gemma_b: Any) -> None:
     eager = NudgedChatModel(
         model=llama_a, nudging_model=gemma_b, max_tokens=200, tool_call_threshold=0.0
     )
-    message = eager.bind_tools([add]).invoke("What is 2 + 3?")
+    message = eager.bind_tools([add], parallel_tool_calls=False).invoke("What is 2 + 3?")
     assert isinstance(message, AIMessage)
     assert [c["name"] for c in message.tool_calls] == ["add"]
     stats = message.response_metadata["nudging_stats"]
@@ -564,7 +661,9 @@ def test_functions_pydantic_classes_and_schemas_bind_as_tools(chat: NudgedChatMo
         "description": "Check the service.",
         "parameters": {"type": "object", "properties": {}},
     }
-    bound = chat.bind_tools([multiply, Lookup, schema, add], tool_choice="any", strict=True)
+    bound = chat.bind_tools(
+        [multiply, Lookup, schema, add], tool_choice="any", strict=True, parallel_tool_calls=False
+    )
     names = [t["function"]["name"] for t in bound.kwargs["tools"]]  # type: ignore[attr-defined]
     assert names == ["multiply", "Lookup", "ping", "add"]
     message = bound.invoke("Multiply 2 by 3.")

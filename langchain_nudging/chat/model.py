@@ -362,13 +362,20 @@ class NudgedChatModel(_WithKnobs):
             structured_output=True,
         )
 
-    def _output_spec(self, tools: Any, tool_choice: Any, response_format: Any) -> OutputSpec:
+    def _output_spec(
+        self,
+        tools: Any,
+        tool_choice: Any,
+        response_format: Any,
+        parallel_tool_calls: bool | None = None,
+    ) -> OutputSpec:
         return output_spec(
             tools,
             tool_choice,
             response_format,
             max_string_length=self.max_json_string_length,
             call_threshold=self.tool_call_threshold,
+            parallel_calls=parallel_tool_calls is not False,
         )
 
     def bind_tools(
@@ -389,8 +396,9 @@ class NudgedChatModel(_WithKnobs):
         constrained by a grammar built from the tools' argument schemas, so it always parses
         and matches them. ``response_format`` (``{"type": "json_schema", ...}``,
         ``{"type": "json_object"}``, a pydantic model or a JSON schema) makes a non-call
-        answer JSON that matches it. ``parallel_tool_calls`` is accepted; an answer holds at
-        most one call. ``strict`` is accepted (calls are always schema-valid).
+        answer JSON that matches it. ``parallel_tool_calls`` (default: allowed) lets one answer
+        hold several calls, as a JSON array; ``False``: at most one. ``strict`` is accepted
+        (calls are always schema-valid).
         Bad tools, choices or schemas raise ``ValueError`` here, before anything runs.
         """
         formatted = format_tools(tools, strict=strict)
@@ -431,7 +439,10 @@ class NudgedChatModel(_WithKnobs):
         if method == "function_calling":
             trace["schema"] = convert_to_openai_tool(schema)
             bound = self.bind_tools(
-                [schema], tool_choice=schema_name(schema), ls_structured_output_format=trace
+                [schema],
+                tool_choice=schema_name(schema),
+                parallel_tool_calls=False,
+                ls_structured_output_format=trace,
             )
         else:
             json_schema = convert_to_json_schema(schema)
@@ -469,7 +480,9 @@ class NudgedChatModel(_WithKnobs):
         stops = self._stops(stop)
         chat = to_chat_messages(messages)
         normalize(chat)  # a conversation the prompts cannot take fails before anything loads
-        output = self._output_spec(options.tools, options.tool_choice, options.response_format)
+        output = self._output_spec(
+            options.tools, options.tool_choice, options.response_format, options.parallel_tool_calls
+        )
         knobs = options.model_dump(include=set(KNOBS), exclude_none=True)
         request = Request(
             messages=chat,

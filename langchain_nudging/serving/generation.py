@@ -41,6 +41,7 @@ class GenerationStats:
     grammar_masks: dict[str, int] = field(default_factory=dict)
     call_probability: float | None = None  # a call's probability, tools shown (call_threshold)
     call_score: float | None = None  # call_threshold="calibrated": what the threshold met
+    call_decision: str | None = None  # "call" or "answer", when decided up front
     prompt_tokens: int = 0
     time_to_first_segment: float | None = None
     wall_time: float = 0.0
@@ -238,6 +239,7 @@ class Generation:
             session.close()
             raise
         decided = spec.decided(call=call)
+        self.stats.call_decision = "call" if call else "answer"
         if call:
             session.close()
             self.prompts = self._render(decided)
