@@ -331,7 +331,7 @@ def tighten(schema: Any, max_string_length: int | None) -> Any:
     An object that lists its ``properties`` and says nothing of others gets
     ``additionalProperties: false`` (a model left free adds keys until the budget ends); a
     free string (no length, enum, const, pattern or format of its own) gets
-    ``maxLength: max_string_length``.
+    ``maxLength: max_string_length`` and ``minLength: 1``.
     """
     if isinstance(schema, list):
         return [tighten(item, max_string_length) for item in schema]
@@ -346,6 +346,10 @@ def tighten(schema: Any, max_string_length: int | None) -> Any:
     free = not {"maxLength", "enum", "const", "pattern", "format"} & schema.keys()
     if "string" in kinds and free and max_string_length is not None:
         out["maxLength"] = max_string_length
+    if "string" in kinds and free and "minLength" not in schema:
+        # A confident base model closes a string at once ({"expression": ""}): a free
+        # string has at least one character.
+        out["minLength"] = 1
     return out
 
 

@@ -20,7 +20,7 @@ from langchain_nudging.backends.grammar import GrammarViolationError
 from langchain_nudging.backends.registry import text_model
 from langchain_nudging.chat.tools import ToolCallStream, output_spec, tool_choice_name
 from langchain_nudging.config import SamplingConfig
-from langchain_nudging.prompts import ChatMessage, render_prompts
+from langchain_nudging.prompts import ANSWER_FROM_RESULT, ChatMessage, render_prompts
 from langchain_nudging.request import Request
 from langchain_nudging.structured import (
     GrammarError,
@@ -115,6 +115,8 @@ def test_tighten_closes_listed_objects_and_caps_free_strings_only() -> None:
     props = out["properties"]
     assert out["additionalProperties"] is False
     assert props["free"]["maxLength"] == 10
+    assert props["free"]["minLength"] == 1  # a confident model closes an empty string at once
+    assert "minLength" not in props["choice"]
     assert props["short"]["maxLength"] == 3
     assert "maxLength" not in props["choice"]
     assert "maxLength" not in props["dated"]
@@ -279,7 +281,10 @@ def test_a_template_without_tools_gets_them_as_text(sp_tokenizer: Any) -> None:
     assert '<|im_start|>assistant\n{"name": "add", "arguments": {"a": 2, "b": 3}}' in (
         prompts.nudging
     )
-    assert "<|im_start|>user\nResult of add: 5<|im_end|>" in prompts.nudging
+    assert (
+        "<|im_start|>user\nResult of add: 5\n\n" + ANSWER_FROM_RESULT + "<|im_end|>"
+        in prompts.nudging
+    )
     assert prompts.nudging.endswith("<|im_start|>assistant\n")
 
 
