@@ -143,3 +143,41 @@ def test_create_agent_with_a_response_format_binds_it_through_bind_tools(
     report = state["structured_response"]
     assert isinstance(report, Weather)
     assert isinstance(report.sunny, bool)
+
+
+# -- without middleware: the calibrated call decision ------------------------------------------
+@tool
+def calculator(expression: str) -> str:
+    """Evaluate an arithmetic expression, such as 12 * (3 + 4)."""
+    from benchmarks.tool_decisions import evaluate
+
+    result = evaluate(expression)
+    return str(int(result)) if result == int(result) else str(result)
+
+
+def test_create_agent_calls_its_tool_then_answers_with_the_result(llm: NudgedChatModel) -> None:
+    """No middleware: the decision calls the calculator for the question, then answers from
+    its result instead of calling again (the loop ends well inside the recursion limit)."""
+    agent = create_agent(llm, tools=[calculator])
+    question = "What is 1234 * 5678? Use the calculator tool."
+    state = agent.invoke({"messages": [("user", question)]}, {"recursion_limit": 8})
+    messages = state["messages"]
+    calls = [c for m in messages if isinstance(m, AIMessage) for c in m.tool_calls]
+    assert [c["name"] for c in calls] == ["calculator"], messages
+    results = [m for m in messages if isinstance(m, ToolMessage)]
+    assert [r.content for r in results] == ["7006652"], messages
+    final = messages[-1]
+    assert isinstance(final, AIMessage)
+    assert not final.tool_calls
+    assert "7006652" in final.text.replace(",", ""), final.text
+
+
+def test_a_request_that_needs_no_tool_answers_as_without_tools(llm: NudgedChatModel) -> None:
+    """A weather tool bound, "auto": the decision says "no call" and the greedy answer is the
+    one with no tools bound (it used to repeat `A: "A: ...` until a loop breaker ended it)."""
+    question = "Tell me a joke."
+    bound = llm.bind_tools([get_weather]).invoke(question)
+    plain = llm.invoke(question)
+    assert not bound.tool_calls
+    assert bound.response_metadata["nudging_stats"]["call_decision"] == "answer"
+    assert bound.content == plain.content

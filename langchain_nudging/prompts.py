@@ -19,7 +19,8 @@ turn.
 With tools or a response format (:class:`~langchain_nudging.structured.OutputSpec`), both
 prompts carry its instructions after the system text; a tool call in the history is written as
 the answer format's JSON (``{"name": ..., "arguments": ...}``) and a tool's result as a
-``Result: ...`` line (base) or a user turn ``Result of <tool>: ...`` (chat). A chat template that
+``Result: ...`` line (base) or a user turn ``Result of <tool>: ...`` (chat; the last one,
+when the answer follows it, also asks for the answer to state the result). A chat template that
 knows tools (it reads a ``tools`` variable) gets the tools, the calls and the ``tool`` turns in
 its own format instead (docs/tools.md).
 
@@ -47,6 +48,9 @@ from .structured import OutputSpec, ToolCall
 Role = Literal["system", "user", "assistant", "tool"]
 DEFAULT_SYSTEM = "You are a helpful assistant."
 _SENTINEL = "NUDGINGANSWERSTARTSHERE"
+#: After the tool results that the answer follows (chat template without tools): a small
+#: model otherwise restates the question ("The calculator returns the result of ...").
+ANSWER_FROM_RESULT = "Answer my question with this result, stating it."
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,10 +355,14 @@ def _plain_turns(turns: Sequence[ChatMessage], native: bool) -> list[ChatMessage
     if native:
         return list(turns)
     out: list[ChatMessage] = []
-    for turn in turns:
+    last_user = max((i for i, t in enumerate(turns) if t.role == "user"), default=-1)
+    for index, turn in enumerate(turns):
         if turn.role == "tool":
             label = f"Result of {turn.name}" if turn.name else "Result"
-            turn = ChatMessage("user", f"{label}: {turn.content}")
+            text = f"{label}: {turn.content}"
+            if index > last_user and index == len(turns) - 1:
+                text += "\n\n" + ANSWER_FROM_RESULT  # the answer the models write next
+            turn = ChatMessage("user", text)
         if out and out[-1].role == turn.role == "user":
             out[-1] = ChatMessage("user", out[-1].content + "\n\n" + turn.content)
         else:
@@ -420,3 +428,14 @@ def render_prompts(
 
 def _join(system: str, instructions: str) -> str:
     return "\n\n".join(p for p in (system, instructions) if p)
+
+
+def after_tool_result(messages: Sequence[ChatMessage]) -> bool:
+    """Whether a tool's result came in after the conversation's last user message: the answer
+    is then expected to use it (``Generation._decide_call``)."""
+    for message in reversed(messages):
+        if message.role == "tool":
+            return True
+        if message.role == "user":
+            return False
+    return False

@@ -29,6 +29,11 @@ JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separat
 #: A text answer when tools are bound: anything that does not start with "{" (which starts a
 #: tool call) or with whitespace.
 FREE_TEXT = r"/[^{\s][\s\S]*/"
+#: ``call_threshold``: the threshold measured for the pair (serving/generation.py).
+CALIBRATED = "calibrated"
+#: Most calls in one answer (``parallel_calls``): a small model left free may list calls
+#: until the budget ends.
+MAX_PARALLEL_CALLS = 4
 
 
 class GrammarError(ValueError):
@@ -97,9 +102,13 @@ class OutputSpec:
     prompts only ask for JSON: describe the fields in the prompt). ``max_string_length`` caps
     every JSON string whose schema sets no length, enum, const or pattern: small models can
     loop inside a string until the budget ends, and the cap closes the string instead.
-    ``call_threshold`` (``"auto"`` only): before the answer starts, the deciding model's
-    probability of starting a tool call is measured; at or above the threshold the answer is a
-    call, below it a non-call answer. ``None`` leaves the choice to the models' first tokens.
+    ``call_threshold`` (``"auto"`` only): the call/no-call choice is made before the answer
+    starts, from the deciding model's probability of starting a tool call (serving/generation.py
+    ``Generation._decide_call``). A number: a call at or above that probability.
+    ``"calibrated"``: a call when the call score (that probability, weighted by how much
+    showing the tools raised it) reaches the threshold measured for the pair. ``None`` leaves
+    the choice to the models' first tokens. ``parallel_calls``: a call answer may hold several
+    calls, one JSON object a line (``parallel_tool_calls`` not ``False``).
     """
 
     tools: tuple[ToolSpec, ...] = ()
@@ -107,7 +116,8 @@ class OutputSpec:
     schema: dict[str, Any] | None = None
     json_object: bool = False
     max_string_length: int | None = None
-    call_threshold: float | None = None
+    call_threshold: float | str | None = None
+    parallel_calls: bool = False
 
     def __post_init__(self) -> None:
         # One tool per name: the same tool given twice counts once; of two different tools
@@ -134,8 +144,12 @@ class OutputSpec:
                 )
         elif self.tool_choice == "required" and not self.tools:
             raise ValueError("tool_choice='required' but no tools are bound")
-        if self.call_threshold is not None and not 0.0 <= self.call_threshold <= 1.0:
-            raise ValueError(f"call_threshold must be in [0, 1], got {self.call_threshold}")
+        threshold = self.call_threshold
+        if isinstance(threshold, str):
+            if threshold != CALIBRATED:
+                raise ValueError(f"call_threshold: {threshold!r} is not {CALIBRATED!r}")
+        elif threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"call_threshold must be in [0, 1], got {threshold}")
         if self.max_string_length is not None and self.max_string_length < 1:
             raise ValueError(f"max_string_length must be >= 1, got {self.max_string_length}")
         _ = self.grammar  # compiled here: a schema the library cannot take fails at once
@@ -157,6 +171,11 @@ class OutputSpec:
         return bool(self.tools) or self.json_answer
 
     @property
+    def several_calls(self) -> bool:
+        """Whether an answer may hold several calls (a named tool's call is one)."""
+        return self.parallel_calls and self.tool_choice in ("auto", "required") and bool(self.tools)
+
+    @property
     def json_answer(self) -> bool:
         """Whether an answer that is not a call must be JSON (a schema, or JSON mode)."""
         return self.schema is not None or self.json_object
@@ -176,8 +195,10 @@ class OutputSpec:
 
     @property
     def call_grammar(self) -> str:
-        """The grammar of a call alone (what :attr:`call_threshold` measures)."""
-        return replace(self, tool_choice="required", call_threshold=None).grammar or ""
+        """The grammar of one call alone (what :attr:`call_threshold` measures: the mass of
+        the tokens that start a call, ``{``; an array of calls starts with ``[``)."""
+        single = replace(self, tool_choice="required", call_threshold=None, parallel_calls=False)
+        return single.grammar or ""
 
     @property
     def json_only(self) -> bool:
@@ -196,6 +217,11 @@ class OutputSpec:
             schema = calls[0] if len(calls) == 1 else {"anyOf": calls}
             rules.append("call: %json " + self._json(schema))
             alternatives.append("call")
+            if self.several_calls:
+                several = {"type": "array", "items": schema, "minItems": 2}
+                several["maxItems"] = MAX_PARALLEL_CALLS
+                rules.append("calls: %json " + self._json(several))
+                alternatives.append("calls")
         if not self.must_call:
             if self.json_answer:
                 answer = self.schema or any_json_object(self.max_string_length)
@@ -244,6 +270,10 @@ class OutputSpec:
                 )
             else:
                 parts.append(f"Answer with nothing but one tool call, a JSON object: {form}.")
+            if self.parallel_calls and self.tool_choice == "required":
+                parts.append(
+                    "To make several calls at once, answer with a JSON array of such objects."
+                )
         if self.schema is not None and not self.json_object and not self.must_call:
             parts.append(
                 "Answer with a JSON object that matches this JSON schema:\n" + _dumps(self.schema)
@@ -253,16 +283,24 @@ class OutputSpec:
         return "\n\n".join(parts)
 
     def parse(self, text: str) -> ToolCall | None:
-        """The tool call an answer makes, or ``None`` for a text or JSON answer.
+        """The (first) tool call an answer makes, or ``None`` for a text or JSON answer.
 
         Raises :class:`IncompleteAnswerError` when a constrained answer is incomplete (the
         budget or a stop rule ended it before its JSON closed).
         """
+        calls = self.parse_calls(text)
+        return calls[0] if calls else None
+
+    def parse_calls(self, text: str) -> list[ToolCall]:
+        """The tool calls an answer makes: one, several (a JSON array of calls, with
+        :attr:`parallel_calls`) or none (a text or JSON answer); raises like :meth:`parse`."""
         if not self.constrained:
-            return None
+            return []
         stripped = text.strip()
-        if not stripped.startswith("{") and not self.must_call and not self.json_answer:
-            return None  # a text answer in "auto" mode
+        several = self.several_calls and stripped.startswith("[")
+        text_answer = not self.must_call and not self.json_answer
+        if not stripped.startswith("{") and not several and text_answer:
+            return []  # a text answer in "auto" mode
         try:
             value = json.loads(stripped)
         except json.JSONDecodeError:
@@ -270,6 +308,11 @@ class OutputSpec:
             raise IncompleteAnswerError(
                 f"the answer ended before its {what} was complete: {text!r}"
             ) from None
+        items = value if several and isinstance(value, list) else [value]
+        calls = [call for item in items if (call := self._call(item)) is not None]
+        return calls if len(calls) == len(items) else []
+
+    def _call(self, value: Any) -> ToolCall | None:
         names = {tool.name for tool in self.callable_tools}
         if (
             isinstance(value, dict)
@@ -288,7 +331,7 @@ def tighten(schema: Any, max_string_length: int | None) -> Any:
     An object that lists its ``properties`` and says nothing of others gets
     ``additionalProperties: false`` (a model left free adds keys until the budget ends); a
     free string (no length, enum, const, pattern or format of its own) gets
-    ``maxLength: max_string_length``.
+    ``maxLength: max_string_length`` and ``minLength: 1``.
     """
     if isinstance(schema, list):
         return [tighten(item, max_string_length) for item in schema]
@@ -303,6 +346,10 @@ def tighten(schema: Any, max_string_length: int | None) -> Any:
     free = not {"maxLength", "enum", "const", "pattern", "format"} & schema.keys()
     if "string" in kinds and free and max_string_length is not None:
         out["maxLength"] = max_string_length
+    if "string" in kinds and free and "minLength" not in schema:
+        # A confident base model closes a string at once ({"expression": ""}): a free
+        # string has at least one character.
+        out["minLength"] = 1
     return out
 
 

@@ -449,3 +449,20 @@ def test_tokens_added_later_are_markers_too(make_tokenizer: MakeTokenizer) -> No
     nudging = render_prompts([user("a<extra>")], template_of(tokenizer)).nudging
     assert marked(nudging) == ["<extra>"] * 3  # system, user, the answer; not the user's text
     assert nudging.controls[1] == (nudging.index("<extra>a"), nudging.index("<extra>a") + 7)
+
+
+def test_only_a_result_the_answer_follows_asks_to_state_it(sp_tokenizer: Any) -> None:
+    from langchain_nudging.prompts import ANSWER_FROM_RESULT, after_tool_result
+
+    call = ChatMessage("assistant", "", (ToolCall("add", {"a": 2, "b": 3}, "c1"),))
+    result = ChatMessage("tool", "5", name="add", tool_call_id="c1")
+    history = [ChatMessage("user", "What is 2 + 3?"), call, result]
+    template = template_of(sp_tokenizer)
+    fresh = render_prompts(history, template)
+    assert after_tool_result(history)
+    assert fresh.nudging.count(ANSWER_FROM_RESULT) == 1
+    assert ANSWER_FROM_RESULT not in fresh.base  # the base transcript ends "Result: 5\nAnswer: "
+    assert fresh.base.endswith("Result: 5\nAnswer: ")
+    later = [*history, ChatMessage("user", "And 4 + 4?")]
+    assert not after_tool_result(later)
+    assert ANSWER_FROM_RESULT not in render_prompts(later, template).nudging

@@ -20,7 +20,7 @@ from langchain_nudging.backends.grammar import GrammarViolationError
 from langchain_nudging.backends.registry import text_model
 from langchain_nudging.chat.tools import ToolCallStream, output_spec, tool_choice_name
 from langchain_nudging.config import SamplingConfig
-from langchain_nudging.prompts import ChatMessage, render_prompts
+from langchain_nudging.prompts import ANSWER_FROM_RESULT, ChatMessage, render_prompts
 from langchain_nudging.request import Request
 from langchain_nudging.structured import (
     GrammarError,
@@ -115,6 +115,8 @@ def test_tighten_closes_listed_objects_and_caps_free_strings_only() -> None:
     props = out["properties"]
     assert out["additionalProperties"] is False
     assert props["free"]["maxLength"] == 10
+    assert props["free"]["minLength"] == 1  # a confident model closes an empty string at once
+    assert "minLength" not in props["choice"]
     assert props["short"]["maxLength"] == 3
     assert "maxLength" not in props["choice"]
     assert "maxLength" not in props["dated"]
@@ -279,7 +281,10 @@ def test_a_template_without_tools_gets_them_as_text(sp_tokenizer: Any) -> None:
     assert '<|im_start|>assistant\n{"name": "add", "arguments": {"a": 2, "b": 3}}' in (
         prompts.nudging
     )
-    assert "<|im_start|>user\nResult of add: 5<|im_end|>" in prompts.nudging
+    assert (
+        "<|im_start|>user\nResult of add: 5\n\n" + ANSWER_FROM_RESULT + "<|im_end|>"
+        in prompts.nudging
+    )
     assert prompts.nudging.endswith("<|im_start|>assistant\n")
 
 
@@ -319,6 +324,12 @@ def add(a: int, b: int) -> int:
     return a + b
 
 
+@tool
+def ping() -> str:
+    """Check the service."""
+    return "ok"
+
+
 @pytest.fixture
 def chat(llama_a: Any, gemma_b: Any) -> NudgedChatModel:
     return NudgedChatModel(model=llama_a, nudging_model=gemma_b, max_tokens=200)
@@ -352,7 +363,7 @@ def test_bind_tools_refuses_bad_input_before_anything_runs(chat: NudgedChatModel
 def test_a_forced_call_comes_back_as_tool_calls_and_streams_as_chunks(
     chat: NudgedChatModel,
 ) -> None:
-    bound = chat.bind_tools([add], tool_choice="any")
+    bound = chat.bind_tools([add], tool_choice="any", parallel_tool_calls=False)
     message = bound.invoke("What is 2 + 3?")
     assert isinstance(message, AIMessage)
     assert message.content == ""
@@ -449,6 +460,97 @@ def test_tool_call_stream_holds_the_closing_brace_until_the_end() -> None:
         cut.finish()
 
 
+TWO_CALLS = '[{"name": "add", "arguments": {"a": 1, "b": 2}}, {"name": "ping", "arguments": {}}]'
+
+
+def test_several_calls_are_a_json_array_that_the_grammar_allows_and_parse_reads(
+    byte_tokenizer: Any,
+) -> None:
+    import llguidance.hf
+
+    tokenizer = llguidance.hf.from_tokenizer(byte_tokenizer)
+
+    spec = OutputSpec((ADD, PING), "required", parallel_calls=True)
+    assert spec.parse_calls(TWO_CALLS) == [ToolCall("add", {"a": 1, "b": 2}), ToolCall("ping", {})]
+    assert spec.parse(TWO_CALLS) == ToolCall("add", {"a": 1, "b": 2})
+    assert "JSON array" in spec.instructions()
+    assert spec.grammar is not None
+    one = OutputSpec((ADD, PING), "required")  # parallel_tool_calls=False: one call at most
+    assert one.grammar is not None
+    assert "JSON array" not in one.instructions()
+    assert one.parse_calls(TWO_CALLS) == []
+
+    def allows(grammar: str, text: str) -> bool:
+        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        ids = tokenizer.tokenize_str(text)
+        return bool(matcher.consume_tokens(ids)) and matcher.is_accepting()
+
+    assert allows(spec.grammar, TWO_CALLS)
+    assert not allows(one.grammar, TWO_CALLS)
+    assert allows(one.grammar, '{"name": "ping", "arguments": {}}')
+    five = "[" + ", ".join(['{"name": "ping", "arguments": {}}'] * 5) + "]"
+    assert not allows(spec.grammar, five)  # at most MAX_PARALLEL_CALLS calls
+    # The call threshold measures the mass of one call's start, with or without arrays.
+    assert spec.call_grammar == one.call_grammar
+
+
+def test_several_calls_stream_as_chunks_with_indices() -> None:
+    spec = output_spec([add_tool(), ping_tool()], "auto", None, None, parallel_calls=True)
+    stream = ToolCallStream(spec)
+    pieces = [TWO_CALLS[i : i + 7] for i in range(0, len(TWO_CALLS), 7)]
+    chunks = [c for piece in pieces for c in stream.add(piece)[1]]
+    content, rest = stream.finish()
+    assert content == ""
+    chunks += rest
+    names = [(c["index"], c["name"]) for c in chunks if c["name"]]
+    assert names == [(0, "add"), (1, "ping")]
+    ids = [c["id"] for c in chunks if c["id"]]
+    assert len(set(ids)) == 2
+    args = {i: "".join(c["args"] or "" for c in chunks if c["index"] == i) for i in (0, 1)}
+    assert args == {0: '{"a": 1, "b": 2}', 1: "{}"}
+    merged = AIMessageChunk(content="")
+    for chunk in chunks:
+        merged += AIMessageChunk(content="", tool_call_chunks=[chunk])
+    assert [(c["name"], c["args"]) for c in merged.tool_calls] == [
+        ("add", {"a": 1, "b": 2}),
+        ("ping", {}),
+    ]
+    assert stream.is_call
+
+
+def test_an_answer_with_several_calls_renders_each_in_the_history(sp_tokenizer: Any) -> None:
+    calls = (ToolCall("add", {"a": 1, "b": 2}, "c1"), ToolCall("ping", {}, "c2"))
+    history = [
+        *ASK,
+        ChatMessage("assistant", "", calls),
+        ChatMessage("tool", "3", name="add", tool_call_id="c1"),
+        ChatMessage("tool", "ok", name="ping", tool_call_id="c2"),
+    ]
+    prompts = render_prompts(history, template_of(sp_tokenizer), None, OutputSpec((ADD, PING)))
+    assert calls[0].text() + "\n" + calls[1].text() in prompts.base
+    assert "Result: 3\nResult: ok\nAnswer: " in prompts.base
+    assert "Result of add: 3" in prompts.nudging
+    assert "Result of ping: ok" in prompts.nudging
+
+
+def test_a_forced_parallel_answer_end_to_end(chat: NudgedChatModel) -> None:
+    """Tiny models, tool_choice="any": the answer is one call or an array of calls, every one
+    a bound tool's with valid arguments, their chunks indexed in order."""
+    bound = chat.bind_tools([add, ping], tool_choice="any")
+    message = bound.invoke("Add 1 and 2, and check the service.")
+    assert isinstance(message, AIMessage)
+    assert message.tool_calls
+    for call in message.tool_calls:
+        assert call["name"] in ("add", "ping")
+    assert len({c["id"] for c in message.tool_calls}) == len(message.tool_calls)
+    single = chat.bind_tools([add, ping], tool_choice="any", parallel_tool_calls=False)
+    assert len(single.invoke("Add 1 and 2, and check the service.").tool_calls) == 1
+
+
+def ping_tool() -> dict[str, Any]:
+    return {"type": "function", "function": {"name": "ping", "description": "", "parameters": {}}}
+
+
 def add_tool() -> dict[str, Any]:
     return {
         "type": "function",
@@ -472,11 +574,73 @@ def test_call_threshold_decides_between_a_call_and_text_up_front(
         assert not generation.text.lstrip().startswith("{")
 
 
+def test_a_no_call_decision_answers_as_if_no_tools_were_bound(pair: NudgingPair) -> None:
+    """Decided "no call": both prompts are those of the same request with no tools bound (no
+    tool list, no call format), and the answer is the ``tool_choice="none"`` one: the same
+    text with only the grammar's first-character rule (no ``{``) kept. On real models that
+    rule changes nothing (integration_tests/test_agents.py compares with no tools bound)."""
+    config = NudgingConfig(max_tokens=40)
+    plain = pair.generate(Request(ASK, config))
+    none = pair.generate(Request(ASK, config, output=OutputSpec((ADD, PING), "none")))
+    list(none)
+    for threshold in (1.0, "calibrated"):
+        spec = OutputSpec((ADD, PING), "auto", call_threshold=threshold)
+        decided = pair.generate(Request(ASK, config, output=spec))
+        assert "add" in decided.prompts.base  # rendered for the decision: tools shown
+        list(decided)
+        if threshold == "calibrated" and spec.parse(decided.text) is not None:
+            continue  # the tiny models' score chose a call: nothing to compare
+        assert decided.prompts.base == plain.prompts.base
+        assert decided.prompts.nudging == plain.prompts.nudging
+        assert decided.prompts.stop == plain.prompts.stop
+        assert decided.text == none.text
+        assert decided.stats.call_probability is not None
+
+
+def test_the_calibrated_decision_compares_the_call_score(pair: NudgingPair) -> None:
+    from langchain_nudging.serving.generation import call_score_threshold
+
+    spec = OutputSpec((ADD, PING), "auto", call_threshold="calibrated")
+    generation = pair.generate(Request(ASK, NudgingConfig(max_tokens=200), output=spec))
+    list(generation)
+    stats = generation.stats
+    assert stats.call_probability is not None
+    assert stats.call_score is not None
+    assert stats.call_score > 0
+    called = spec.parse(generation.text) is not None
+    assert called is (stats.call_score >= call_score_threshold(pair.nudging.name))
+    with pytest.raises(ValueError, match="call_threshold: 'sometimes'"):
+        OutputSpec((ADD,), "auto", call_threshold="sometimes")
+
+
+def test_right_after_a_tool_result_the_answer_uses_it_instead_of_calling_again(
+    pair: NudgingPair,
+) -> None:
+    """Even a threshold of 0 (always call) does not call again right after a result, unless
+    the call probability reaches AFTER_RESULT_CALL_PROBABILITY; a new user turn resets it."""
+    history = [
+        *ASK,
+        ChatMessage("assistant", "", (ToolCall("add", {"a": 2, "b": 3}, "c1"),)),
+        ChatMessage("tool", "5", name="add", tool_call_id="c1"),
+    ]
+    spec = OutputSpec((ADD, PING), "auto", call_threshold=0.0)
+    generation = pair.generate(Request(history, NudgingConfig(max_tokens=40), output=spec))
+    list(generation)
+    probability = generation.stats.call_probability
+    assert probability is not None
+    assert probability < 0.99
+    assert spec.parse(generation.text) is None, generation.text
+    again = [*history, ChatMessage("user", "And 4 + 4?")]
+    generation = pair.generate(Request(again, NudgingConfig(max_tokens=200), output=spec))
+    list(generation)
+    assert spec.parse(generation.text) is not None
+
+
 def test_call_threshold_in_the_chat_model(llama_a: Any, gemma_b: Any) -> None:
     eager = NudgedChatModel(
         model=llama_a, nudging_model=gemma_b, max_tokens=200, tool_call_threshold=0.0
     )
-    message = eager.bind_tools([add]).invoke("What is 2 + 3?")
+    message = eager.bind_tools([add], parallel_tool_calls=False).invoke("What is 2 + 3?")
     assert isinstance(message, AIMessage)
     assert [c["name"] for c in message.tool_calls] == ["add"]
     stats = message.response_metadata["nudging_stats"]
@@ -502,7 +666,9 @@ def test_functions_pydantic_classes_and_schemas_bind_as_tools(chat: NudgedChatMo
         "description": "Check the service.",
         "parameters": {"type": "object", "properties": {}},
     }
-    bound = chat.bind_tools([multiply, Lookup, schema, add], tool_choice="any", strict=True)
+    bound = chat.bind_tools(
+        [multiply, Lookup, schema, add], tool_choice="any", strict=True, parallel_tool_calls=False
+    )
     names = [t["function"]["name"] for t in bound.kwargs["tools"]]  # type: ignore[attr-defined]
     assert names == ["multiply", "Lookup", "ping", "add"]
     message = bound.invoke("Multiply 2 by 3.")

@@ -18,7 +18,7 @@ import os
 import re
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import (
@@ -189,12 +189,17 @@ class NudgedChatModel(_WithKnobs):
     """Longest JSON string (in characters) in a tool call or structured answer whose schema
     sets no length of its own: small models can loop inside a string until ``max_tokens``
     ends the answer mid-JSON; the grammar closes the string instead. ``None``: no cap."""
-    tool_call_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
-    """With ``tool_choice="auto"``: ``None`` lets the models' first tokens choose between a
-    tool call and another answer. A number in [0, 1] decides up front: the answer is a call when
-    the nudging model's probability of starting one is at least this. Small models rarely put
-    much probability on a call even when one fits (docs/tools.md has measured values). It needs
-    a nudging model that can measure a grammar's probability mass."""
+    tool_call_threshold: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["calibrated"] | None = (
+        "calibrated"
+    )
+    """With ``tool_choice="auto"``, how the answer chooses between a tool call and another
+    answer, before it starts (docs/tools.md). ``"calibrated"`` (default): a call when the
+    nudging model's call score (its probability of starting a call with the tools shown,
+    weighted by how much showing them raised it) reaches the threshold measured for the pair;
+    right after a tool's result, only when that probability is at least 0.99. A number in
+    [0, 1]: a call when the probability is at least this. ``None``: the models' first tokens
+    choose. A number needs a nudging model that can measure a grammar's probability mass;
+    ``"calibrated"`` falls back to the first tokens on one that cannot."""
 
     # -- LangChain -------------------------------------------------------------------------
     streaming: bool = False
@@ -546,13 +551,20 @@ class NudgedChatModel(_WithKnobs):
             structured_output=True,
         )
 
-    def _output_spec(self, tools: Any, tool_choice: Any, response_format: Any) -> OutputSpec:
+    def _output_spec(
+        self,
+        tools: Any,
+        tool_choice: Any,
+        response_format: Any,
+        parallel_tool_calls: bool | None = None,
+    ) -> OutputSpec:
         return output_spec(
             tools,
             tool_choice,
             response_format,
             max_string_length=self.max_json_string_length,
             call_threshold=self.tool_call_threshold,
+            parallel_calls=parallel_tool_calls is not False,
         )
 
     def bind_tools(
@@ -573,8 +585,9 @@ class NudgedChatModel(_WithKnobs):
         constrained by a grammar built from the tools' argument schemas, so it always parses
         and matches them. ``response_format`` (``{"type": "json_schema", ...}``,
         ``{"type": "json_object"}``, a pydantic model or a JSON schema) makes a non-call
-        answer JSON that matches it. ``parallel_tool_calls`` is accepted; an answer holds at
-        most one call. ``strict`` is accepted (calls are always schema-valid).
+        answer JSON that matches it. ``parallel_tool_calls`` (default: allowed) lets one answer
+        hold several calls, as a JSON array; ``False``: at most one. ``strict`` is accepted
+        (calls are always schema-valid).
         Bad tools, choices or schemas raise ``ValueError`` here, before anything runs.
         """
         formatted = format_tools(tools, strict=strict)
@@ -615,7 +628,10 @@ class NudgedChatModel(_WithKnobs):
         if method == "function_calling":
             trace["schema"] = convert_to_openai_tool(schema)
             bound = self.bind_tools(
-                [schema], tool_choice=schema_name(schema), ls_structured_output_format=trace
+                [schema],
+                tool_choice=schema_name(schema),
+                parallel_tool_calls=False,
+                ls_structured_output_format=trace,
             )
         else:
             json_schema = convert_to_json_schema(schema)
@@ -653,7 +669,9 @@ class NudgedChatModel(_WithKnobs):
         stops = self._stops(stop)
         chat = to_chat_messages(messages)
         normalize(chat)  # a conversation the prompts cannot take fails before anything loads
-        output = self._output_spec(options.tools, options.tool_choice, options.response_format)
+        output = self._output_spec(
+            options.tools, options.tool_choice, options.response_format, options.parallel_tool_calls
+        )
         knobs = options.model_dump(include=set(KNOBS), exclude_none=True)
         request = Request(
             messages=chat,

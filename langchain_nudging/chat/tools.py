@@ -104,7 +104,8 @@ def output_spec(
     tool_choice: Any,
     response_format: Any,
     max_string_length: int | None = None,
-    call_threshold: float | None = None,
+    call_threshold: float | str | None = None,
+    parallel_calls: bool = False,
 ) -> OutputSpec:
     """Everything a call says about its output, validated; the grammar is compiled here."""
     specs = tuple(
@@ -127,27 +128,36 @@ def output_spec(
         json_object=json_mode,
         max_string_length=max_string_length,
         call_threshold=call_threshold,
+        parallel_calls=parallel_calls,
     )
 
 
 class ToolCallStream:
-    """Turns one answer's text, as it streams, into content or one tool call's chunks.
+    """Turns one answer's text, as it streams, into content or tool calls' chunks.
 
-    A call is recognised by its first character (``{``) when the answer may also be text;
-    the tool's name and a fresh id go out as soon as the name is complete, then the arguments
-    as they arrive. The answer format's closing brace is held back until the answer ends.
-    When the answer may be a call or a JSON response, nothing goes out until the end.
+    A call is recognised by its first character (``{``; ``[`` starts an array of calls when
+    the spec allows several) when the answer may also be text. Each call's name and a fresh
+    id go out as soon as the name is complete (chunk ``index`` 0, 1, ... in the answer's
+    order), then its arguments as they arrive; a call's closing brace is held back until the
+    call is complete. When the answer may be a call or a JSON response, nothing goes out until
+    the end.
     """
 
     def __init__(self, spec: OutputSpec) -> None:
         self.spec = spec
         self.text = ""
-        self.call_id = f"call_{uuid.uuid4().hex[:24]}"
+        self.call_ids: list[str] = []
         self._kind: Literal["text", "call", "undecided"] = "text"
         if spec.callable_tools:
             self._kind = "call" if spec.must_call else "undecided"
-        self._named = False
-        self._args_sent = 0
+        self._args_sent: list[int] = []  # per call whose name went out
+
+    @property
+    def call_id(self) -> str:
+        """The first call's id (one is made up front)."""
+        if not self.call_ids:
+            self.call_ids.append(_new_id())
+        return self.call_ids[0]
 
     @property
     def is_call(self) -> bool:
@@ -160,7 +170,8 @@ class ToolCallStream:
             head = self.text.lstrip()
             if not head or self.spec.json_answer:
                 return "", []  # a call and a JSON answer look alike until the end
-            self._kind = "call" if head.startswith("{") else "text"
+            starts = ("{", "[") if self.spec.several_calls else ("{",)
+            self._kind = "call" if head.startswith(starts) else "text"
             if self._kind == "text":
                 return self.text, []
         if self._kind == "text":
@@ -169,32 +180,63 @@ class ToolCallStream:
 
     def finish(self) -> tuple[str, list[ToolCallChunk]]:
         """The rest, once the answer ended; raises when a call or JSON answer is incomplete."""
-        call = self.spec.parse(self.text)
+        calls = self.spec.parse_calls(self.text)
         if self._kind == "undecided":
-            if call is None:
+            if not calls:
                 return self.text, []
             self._kind = "call"
         if self._kind == "text":
             return "", []
-        if call is None:
+        if not calls:
             raise IncompleteAnswerError(f"the answer is not a call of a bound tool: {self.text!r}")
         return "", self._call_chunks(final=True)
 
+    def _pieces(self, final: bool) -> list[tuple[str, bool]]:
+        """Each call's text so far, and whether it is complete."""
+        body = self.text.strip() if final else self.text.lstrip()
+        if not body.startswith("["):
+            return [(body, final)]
+        pieces: list[tuple[str, bool]] = []
+        decoder, position = json.JSONDecoder(), 1
+        while position < len(body):
+            while body[position : position + 1] in (",", " "):
+                position += 1
+            if body[position : position + 1] != "{":
+                break
+            try:
+                _, end = decoder.raw_decode(body, position)
+            except json.JSONDecodeError:
+                pieces.append((body[position:], False))
+                break
+            pieces.append((body[position:end], True))
+            position = end
+        return pieces
+
     def _call_chunks(self, final: bool) -> list[ToolCallChunk]:
         chunks: list[ToolCallChunk] = []
-        if not self._named:
-            name = tool_call_prefix(self.text.lstrip())
-            if name is None:
-                return chunks
-            self._named = True
-            chunks.append(tool_call_chunk(name=name, args="", id=self.call_id, index=0))
-        body = self.text.strip() if final else self.text.lstrip()
-        args = body[arguments_offset(body) :]
-        args = args[:-1]  # the answer format's closing brace (held back while streaming)
-        if len(args) > self._args_sent:
-            chunks.append(tool_call_chunk(args=args[self._args_sent :], index=0))
-            self._args_sent = len(args)
+        for index, (piece, complete) in enumerate(self._pieces(final)):
+            if index == len(self._args_sent):
+                name = tool_call_prefix(piece)
+                if name is None:
+                    break
+                while len(self.call_ids) <= index:
+                    self.call_ids.append(_new_id())
+                chunks.append(
+                    tool_call_chunk(name=name, args="", id=self.call_ids[index], index=index)
+                )
+                self._args_sent.append(0)
+            args = piece[arguments_offset(piece) :]
+            args = args[:-1]  # the call's closing brace (held back while streaming)
+            if len(args) > self._args_sent[index]:
+                chunks.append(tool_call_chunk(args=args[self._args_sent[index] :], index=index))
+                self._args_sent[index] = len(args)
+            if not complete:
+                break
         return chunks
+
+
+def _new_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 # -- with_structured_output ------------------------------------------------------------------

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..algorithm import NudgingRun, RoundTrace, Segment, SoloRun
-from ..backends.base import RUN_ALONE, Scheduler, TextModel, TextSession
+from ..backends.base import RUN_ALONE, Prompt, Scheduler, TextModel, TextSession
 from ..backends.registry import BUNDLED_BASE_ID, BUNDLED_NUDGING_ID, text_model
 from ..config import NudgingConfig
-from ..prompts import BasePromptFormat, render_prompts
+from ..prompts import BasePromptFormat, Prompts, after_tool_result, render_prompts
 from ..request import Request
-from ..structured import OutputSpec
+from ..structured import CALIBRATED, OutputSpec
 
 
 @dataclass
@@ -39,7 +39,9 @@ class GenerationStats:
     tokens_processed: dict[str, int] = field(default_factory=dict)
     choices_reused: dict[str, int] = field(default_factory=dict)
     grammar_masks: dict[str, int] = field(default_factory=dict)
-    call_probability: float | None = None  # what call_threshold was compared with
+    call_probability: float | None = None  # a call's probability, tools shown (call_threshold)
+    call_score: float | None = None  # call_threshold="calibrated": what the threshold met
+    call_decision: str | None = None  # "call" or "answer", when decided up front
     prompt_tokens: int = 0
     time_to_first_segment: float | None = None
     wall_time: float = 0.0
@@ -53,6 +55,20 @@ class GenerationStats:
         return {**asdict(self), "nudged_share": round(self.nudged_share, 4)}
 
 
+#: ``call_threshold="calibrated"``: the call score's threshold per nudging model, measured by
+#: ``python -m benchmarks.tool_decisions`` on tests/data/tool_decisions.jsonl (docs/tools.md).
+CALL_SCORE_THRESHOLDS: dict[str, float] = {BUNDLED_NUDGING_ID: 0.133}
+#: For a nudging model not measured: the bundled one's (measure yours with the benchmark).
+DEFAULT_CALL_SCORE_THRESHOLD = 0.133
+#: Right after a tool's result, the call probability another call needs.
+AFTER_RESULT_CALL_PROBABILITY = 0.99
+
+
+def call_score_threshold(nudging_name: str) -> float:
+    """The calibrated call-score threshold of a nudging model (by its name)."""
+    return CALL_SCORE_THRESHOLDS.get(nudging_name, DEFAULT_CALL_SCORE_THRESHOLD)
+
+
 def _rules_for(output: OutputSpec, config: NudgingConfig) -> NudgingConfig:
     """A repetition stop would end a JSON-only answer inside its JSON; loops inside strings
     are bounded by the grammar (max_string_length) and the budget instead."""
@@ -61,11 +77,15 @@ def _rules_for(output: OutputSpec, config: NudgingConfig) -> NudgingConfig:
     return config.model_copy(update={"repetition_stops": False})
 
 
-def _check_capabilities(used: dict[str, TextModel], output: OutputSpec) -> None:
-    """Refuse what a model's backend cannot do, before anything runs."""
+def _check_capabilities(used: dict[str, TextModel], output: OutputSpec) -> OutputSpec:
+    """Refuse what a model's backend cannot do, before anything runs; the output spec to use
+    (``call_threshold="calibrated"`` falls back to the first tokens' choice where the decider
+    cannot measure a grammar's mass)."""
     if output.decides_call:
         decider = used.get("nudging") or used["base"]
-        if not decider.capabilities.grammar_mass:
+        if not decider.capabilities.grammar_mass and output.call_threshold == CALIBRATED:
+            output = replace(output, call_threshold=None)
+        elif not decider.capabilities.grammar_mass:
             raise ValueError(
                 f"tool_call_threshold: {decider.name} cannot measure the probability mass a "
                 "grammar allows (its backend gives no full next-token distribution); leave "
@@ -78,6 +98,7 @@ def _check_capabilities(used: dict[str, TextModel], output: OutputSpec) -> None:
                     f"{model.name} cannot constrain its answer by a grammar (its backend has "
                     "none): tools, a JSON schema and JSON mode need one"
                 )
+    return output
 
 
 class Generation:
@@ -88,10 +109,10 @@ class Generation:
         used = {"base": pair.base, "nudging": pair.nudging}
         if request.mode != "nudged":
             del used["nudging" if request.mode == "base" else "base"]
-        _check_capabilities(used, request.output)
+        self.output = _check_capabilities(used, request.output)
         fmt = request.base_format or pair.base_format
-        prompts = render_prompts(request.messages, pair.nudging.chat_template, fmt, request.output)
-        self.config = _rules_for(request.output, request.config)
+        prompts = render_prompts(request.messages, pair.nudging.chat_template, fmt, self.output)
+        self.config = _rules_for(self.output, request.config)
         #: The base transcript's turn markers: they end the answer only where the base model
         #: starts a new turn (docs/algorithm.md rule 8).
         self.markers = prompts.stop
@@ -118,7 +139,7 @@ class Generation:
         if self._started:
             raise RuntimeError("a Generation can be iterated only once")
         self._started = True
-        stats, mode, output = self.stats, self.request.mode, self.request.output
+        stats, mode, output = self.stats, self.request.mode, self.output
         start = time.perf_counter()
         config, prompts = self.config, self.prompts
         # The statistics' counter also counts for a solo run's writer: one incremental count.
@@ -126,19 +147,20 @@ class Generation:
         sessions: dict[str, TextSession] = {}
         run: NudgingRun | SoloRun | None = None
         try:
-            deciding = output.decides_call
-            grammar = None if deciding else output.grammar
-            reads = {
-                "base": (prompts.base, config.base_sampling),
-                "nudging": (prompts.nudging, config.nudging_sampling),
-            }
+            if output.decides_call:
+                output = self._decide_call(sessions)
+                config = self.config = _rules_for(output, config)
+                prompts = self.prompts
+            samplings = {"base": config.base_sampling, "nudging": config.nudging_sampling}
+            reads = {"base": prompts.base, "nudging": prompts.nudging}
             for role, model in self._used.items():
-                prompt, sampling = reads[role]
-                sessions[role] = model.session(
-                    prompt, sampling, grammar=grammar, scheduler=self._scheduler
-                )
-            if deciding:
-                config = self.config = _rules_for(self._decide_call(sessions), config)
+                if role not in sessions:
+                    sessions[role] = model.session(
+                        reads[role],
+                        samplings[role],
+                        grammar=output.grammar,
+                        scheduler=self._scheduler,
+                    )
             if mode == "nudged":
                 run = NudgingRun(sessions["base"], sessions["nudging"], config, self.markers)
                 self.trace = run.trace
@@ -167,16 +189,71 @@ class Generation:
 
     def _decide_call(self, sessions: dict[str, TextSession]) -> OutputSpec:
         """``call_threshold``: the nudging model (the base model alone in "base" mode) says
-        whether this answer is a tool call; every session is then constrained accordingly."""
-        decider = sessions.get("nudging") or sessions["base"]
-        spec = self.request.output
-        mass = decider.allowed_mass("", spec.call_grammar)
-        assert spec.call_threshold is not None
+        whether this answer is a tool call, before it starts (docs/tools.md).
+
+        The call probability is the mass of the tokens a call may start with, the tools shown.
+        A numeric threshold compares it directly. ``"calibrated"`` compares the call score
+        ``p_tools * (p_tools / p_plain)``, where ``p_plain`` is the same mass with the prompts
+        a no-call answer reads (no tools shown), with the pair's measured threshold. Right
+        after a tool's result (no user turn since), the answer is a call only if the
+        probability reaches :data:`AFTER_RESULT_CALL_PROBABILITY`: the model answers from the
+        result instead of calling again. The prompts are then rendered for the decision: a
+        no-call answer reads exactly what it would read with no tools bound. The decider's
+        session on those prompts is kept (``sessions``); the others open afterwards.
+        """
+        role = "nudging" if "nudging" in self._used else "base"
+        decider = self._used[role]
+        spec = self.output
+        sampling = {"base": self.config.base_sampling, "nudging": self.config.nudging_sampling}[
+            role
+        ]
+
+        def read(prompts: Prompts) -> Prompt:
+            return prompts.nudging if role == "nudging" else prompts.base
+
+        shown = decider.session(read(self.prompts), sampling, scheduler=self._scheduler)
+        try:
+            mass = shown.allowed_mass("", spec.call_grammar)
+        finally:
+            shown.close()
         self.stats.call_probability = mass
-        decided = spec.decided(call=mass >= spec.call_threshold)
-        for session in sessions.values():
+        plain_spec = spec.decided(call=False)
+        plain = self._render(plain_spec)
+        session = decider.session(read(plain), sampling, scheduler=self._scheduler)
+        try:
+            if after_tool_result(self.request.messages):
+                threshold = spec.call_threshold
+                bar = AFTER_RESULT_CALL_PROBABILITY
+                if isinstance(threshold, float | int):
+                    bar = max(bar, float(threshold))
+                call = mass >= bar
+            elif spec.call_threshold == CALIBRATED:
+                baseline = session.allowed_mass("", spec.call_grammar)
+                score = mass * mass / baseline if baseline > 0 else float("inf")
+                self.stats.call_score = score
+                call = score >= call_score_threshold(decider.name)
+            else:
+                assert isinstance(spec.call_threshold, float | int)
+                call = mass >= spec.call_threshold
+        except BaseException:
+            session.close()
+            raise
+        decided = spec.decided(call=call)
+        self.stats.call_decision = "call" if call else "answer"
+        if call:
+            session.close()
+            self.prompts = self._render(decided)
+        else:
             session.constrain(decided.grammar)
+            sessions[role] = session
+            self.prompts = plain
+        self.markers = self.prompts.stop
         return decided
+
+    def _render(self, output: OutputSpec) -> Prompts:
+        fmt = self.request.base_format or self._pair.base_format
+        template = self._pair.nudging.chat_template
+        return render_prompts(self.request.messages, template, fmt, output)
 
     def _count(self, segment: Segment) -> None:
         # Each segment is charged the tokens it adds to the whole answer, so the two counts add
