@@ -13,7 +13,7 @@ from langchain_nudging.backends.registry import text_model
 from langchain_nudging.config import ALGORITHM_KNOBS, NudgingConfig
 from langchain_nudging.evaluation import EvalSettings, RunMismatchError, run_eval
 from langchain_nudging.evaluation.report import write_report
-from langchain_nudging.evaluation.runner import KNOBS
+from langchain_nudging.evaluation.runner import KNOBS, slot_limit
 from langchain_nudging.evaluation.tasks import get_task
 from langchain_nudging.prompts import ChatMessage
 from langchain_nudging.request import Request
@@ -242,3 +242,18 @@ def test_eval_command_refuses_bad_input_before_loading_models(
     assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_answers_in_flight_are_capped_at_the_servers_slots() -> None:
+    class Model:
+        def __init__(self, total_slots: int | None = None) -> None:
+            if total_slots is not None:
+                self.total_slots = total_slots
+
+    class Pair:
+        def __init__(self, base: Model, nudging: Model) -> None:
+            self.base, self.nudging = base, nudging
+
+    assert slot_limit(Pair(Model(), Model())) is None  # models in this process: no limit
+    assert slot_limit(Pair(Model(4), Model())) == 4
+    assert slot_limit(Pair(Model(8), Model(2))) == 2
