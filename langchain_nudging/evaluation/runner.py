@@ -131,11 +131,21 @@ class RunMismatchError(ValueError):
     """The output folder holds results made with other models or settings."""
 
 
+_MODEL_KEYS = ("base", "nudging")
+
+
+def model_identity(name: str) -> str:
+    """A model's name without the address of its server (``model.gguf @ http://...``): the
+    servers ``--runtime llamacpp`` starts listen on a free port, another one each run, and the
+    same model on another server gives the same answers."""
+    return name.split(" @ ", 1)[0]
+
+
 def run_identity(pair: NudgingPair, settings: EvalSettings) -> dict[str, Any]:
     """What must match for results in one output folder to be comparable."""
     return {
-        "base": pair.base.name,
-        "nudging": pair.nudging.name,
+        "base": model_identity(pair.base.name),
+        "nudging": model_identity(pair.nudging.name),
         "dtype": _weights_dtype(pair.base),
         **settings.knobs(),
     }
@@ -155,6 +165,9 @@ def claim_output(out_dir: Path, identity: dict[str, Any]) -> None:
     if path.is_file():
         # A knob a folder does not record was at its default (it was not a setting then).
         recorded = {**_DEFAULTS, **json.loads(path.read_text(encoding="utf-8"))}
+        for key in _MODEL_KEYS:  # a folder may record a server's address with its model
+            if isinstance(recorded.get(key), str):
+                recorded[key] = model_identity(recorded[key])
         for key, value in identity.items():
             if recorded.get(key) != value:
                 raise RunMismatchError(
