@@ -62,7 +62,7 @@ demo: $(VENV)/.installed
 # A small evaluation of the bundled pair on the shared data; EVAL_ARGS for more
 # (docs/evaluation.md has the commands behind its figures).
 EVAL_DATA ?= ../shared/data
-EVAL_ARGS ?= --task ifeval gsm8k --limit 5 --max-tokens 128
+EVAL_ARGS ?= --task ifeval gsm8k --limit 4 --max-tokens 256 --runtime llamacpp
 eval: $(VENV)/.installed-eval
 	$(BIN)/nudging eval --data $(EVAL_DATA) --out eval-out $(EVAL_ARGS)
 

@@ -54,6 +54,8 @@ def test_every_task_in_every_mode(pair: NudgingPair, tmp_path: Path) -> None:
     markdown = (out / "report.md").read_text()
     assert "| nudged |" in markdown
     assert "GSM8K" in markdown
+    assert "| IFEval inst. strict | IFEval inst. loose | Share nudged | Cut |" in markdown
+    assert report["totals"]["nudging"]["nudged_share"] == 1.0
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "answers.html").read_text()
     nudged = records(out / "results" / "gsm8k.jsonl")

@@ -13,8 +13,10 @@ from langchain_nudging.evaluation.report import (
     build_report,
     find_rows,
     main_table,
+    main_table_cells,
     paired_bootstrap_ci,
     render_markdown,
+    scores_figure,
     signed_points,
     write_report,
 )
@@ -185,10 +187,10 @@ def test_missing_cells_are_skipped():
     assert [(p["baseline"], p["task"]) for p in report["paired"]] == [("base", "gsm8k")]
 
     header, _ = markdown_main_table(render_markdown(report))
-    assert header == "| Row | GSM8K | StrategyQA | Avg | Just-Eval |"
+    assert header == "| Row | GSM8K | StrategyQA | Avg | Just-Eval | Share nudged | Cut |"
     markdown = render_markdown(report)
-    assert "| base | 50.0 | 100.0 | 75.0 | — |" in markdown
-    assert "| nudged | 100.0 | — | 100.0* | 1 answer |" in markdown
+    assert "| base | 50.0 | 100.0 | 75.0 | — | 0.0% | 0/3 |" in markdown
+    assert "| nudged | 100.0 | — | 100.0* | 1 answer | 0.0% | 0/3 |" in markdown
     assert "nudged − nudging" in markdown  # the column exists, without a baseline to fill it
 
 
@@ -225,11 +227,11 @@ def test_markdown_tables():
     markdown = render_markdown(build_report(records, resamples=500))
     assert "rows: base, nudging, nudged (γ=0.4);" in markdown
     header, rows = markdown_main_table(markdown)
-    assert header == "| Row | GSM8K | Avg | MT-Bench |"
+    assert header == "| Row | GSM8K | Avg | MT-Bench | Share nudged | Cut |"
     assert rows == [
-        "| base | 25.0 | 25.0 | 1 answer |",
-        "| nudging | 50.0 | 50.0 | — |",
-        "| nudged | 75.0 | 75.0 | 1 answer |",
+        "| base | 25.0 | 25.0 | 1 answer | 0.0% | 0/5 |",
+        "| nudging | 50.0 | 50.0 | — | 0.0% | 0/4 |",
+        "| nudged | 75.0 | 75.0 | 1 answer | 0.0% | 0/5 |",
     ]
     paired_table = markdown.split("## Paired differences", 1)[1].split("##", 1)[0]
     (paired,) = [line for line in paired_table.splitlines() if line.startswith("| nudged |")]
@@ -237,6 +239,132 @@ def test_markdown_tables():
     assert "(n=4) | +25.0 [" in paired
     assert "## Share nudged and speed" in markdown
     assert "## IFEval" not in markdown
+
+
+def ifeval_record(
+    example_id: str,
+    mode: str,
+    strict: list[bool],
+    loose: list[bool],
+    *,
+    tokens: int = 10,
+    nudge_tokens: int = 0,
+    cut: bool = False,
+) -> dict[str, Any]:
+    """An IFEval record: instruction-level lists as lm-eval gives them, primary prompt strict."""
+    score = {
+        "prompt_level_strict_acc": all(strict),
+        "inst_level_strict_acc": strict,
+        "prompt_level_loose_acc": all(loose),
+        "inst_level_loose_acc": loose,
+    }
+    gamma = 0.4 if mode == "nudged" else None
+    result = record(
+        "ifeval",
+        example_id,
+        mode,
+        gamma=gamma,
+        primary=float(all(strict)),
+        score=score,
+        tokens=tokens,
+        nudge_tokens=nudge_tokens,
+    )
+    if cut:
+        result["finish_reason"] = "length"
+    return result
+
+
+def small_run() -> list[dict[str, Any]]:
+    """Five IFEval prompts and two GSM8K questions on which every prompt-level score is 0 (as
+    on a small sample of a weak pair), with instruction-level hits and nudged tokens."""
+    records = []
+    for i in range(5):
+        records.append(ifeval_record(str(i), "base", [True, False], [True, False], cut=i < 4))
+        records.append(
+            ifeval_record(
+                str(i), "nudging", [True, False, False][: 2 + i % 2], [True, True], nudge_tokens=10
+            )
+        )
+        records.append(
+            ifeval_record(str(i), "nudged", [True, False], [True, False], nudge_tokens=3)
+        )
+    for i in range(2):
+        records.append(record("gsm8k", f"q{i}", "base", primary=0, tokens=20))
+        records.append(record("gsm8k", f"q{i}", "nudging", primary=0, tokens=20, nudge_tokens=20))
+        records.append(
+            record("gsm8k", f"q{i}", "nudged", gamma=0.4, primary=0, tokens=20, nudge_tokens=5)
+        )
+    return records
+
+
+def test_main_table_has_instruction_level_share_and_cut_columns():
+    report = build_report(small_run(), resamples=100)
+    header, rows = main_table_cells(report)
+    assert header == [
+        "Row",
+        "IFEval",
+        "GSM8K",
+        "Avg",
+        "IFEval inst. strict",
+        "IFEval inst. loose",
+        "Share nudged",
+        "Cut",
+    ]
+    # base: 5 of 10 instructions; nudging: strict 5 of 12 (prompts of 2 and 3), loose 10 of 10;
+    # nudged: 15 + 10 nudge tokens of 50 + 40.
+    assert rows == [
+        ["base", "0.0", "0.0", "0.0", "50.0", "50.0", "0.0%", "4/7"],
+        ["nudging", "0.0", "0.0", "0.0", "41.7", "100.0", "100.0%", "0/7"],
+        ["nudged", "0.0", "0.0", "0.0", "50.0", "50.0", "27.8%", "0/7"],
+    ]
+    assert report["totals"]["nudged"] == {
+        "n": 7,
+        "tokens": 90,
+        "nudge_tokens": 25,
+        "nudged_share": pytest.approx(25 / 90),
+        "cut": 0,
+    }
+    markdown = render_markdown(report)
+    assert "| nudged | 0.0 | 0.0 | 0.0 | 50.0 | 50.0 | 27.8% | 0/7 |" in markdown
+    console = Console(file=io.StringIO(), width=200)
+    console.print(main_table(report))
+    assert "IFEval inst. loose" in console.file.getvalue()
+
+
+def bar_heights(ax: Any) -> dict[str, list[float]]:
+    """An axes' bars by legend label, in group order (NaN: no bar)."""
+    return {c.get_label(): [p.get_height() for p in c.patches] for c in ax.containers}
+
+
+def test_scores_chart_shows_instruction_level_and_share_nudged():
+    report = build_report(small_run(), resamples=100)
+    score_ax, share_ax = scores_figure(report).axes
+    assert [t.get_text() for t in score_ax.get_xticklabels()] == [
+        "IFEval",
+        "GSM8K",
+        "Avg",
+        "IFEval inst. strict",
+        "IFEval inst. loose",
+    ]
+    scores = bar_heights(score_ax)
+    assert scores["base"] == pytest.approx([0.0, 0.0, 0.0, 50.0, 50.0])
+    assert scores["nudging"] == pytest.approx([0.0, 0.0, 0.0, 100 * 5 / 12, 100.0])
+    assert scores["nudged"][3:] == pytest.approx([50.0, 50.0])  # non-empty bars
+    assert score_ax.get_ylim()[1] >= 100.0  # the tallest bar fits
+    assert [t.get_text() for t in share_ax.get_xticklabels()] == ["IFEval", "GSM8K", "All"]
+    shares = bar_heights(share_ax)
+    assert shares["base"] == [0.0, 0.0, 0.0]
+    assert shares["nudging"] == [100.0, 100.0, 100.0]
+    assert shares["nudged"] == pytest.approx([30.0, 25.0, 100 * 25 / 90])
+    labels = [t.get_text() for t in share_ax.texts]
+    assert "28%" in labels
+
+
+def test_scores_chart_axis_follows_low_scores():
+    report = build_report(gsm8k_run(base=[0] * 19 + [1], nudged=[0] * 20), resamples=100)
+    score_ax, _ = scores_figure(report).axes
+    assert bar_heights(score_ax)["base"] == pytest.approx([5.0, 5.0])
+    assert score_ax.get_ylim()[1] == pytest.approx(10.0)  # a 5% bar is half the axis
 
 
 def test_signed_points():
@@ -378,5 +506,5 @@ def test_judge_exports(tmp_path):
     assert "judge/mt-bench/nudged-gamma0.3" not in paths
 
     header, rows = markdown_main_table(paths["markdown"].read_text())
-    assert header == "| Row | Just-Eval | MT-Bench |"
-    assert rows[0] == "| base | 1 answer | 2 answers |"
+    assert header == "| Row | Just-Eval | MT-Bench | Share nudged | Cut |"
+    assert rows[0] == "| base | 1 answer | 2 answers | 0.0% | 0/3 |"

@@ -13,7 +13,7 @@ from langchain_nudging.backends.registry import text_model
 from langchain_nudging.config import ALGORITHM_KNOBS, NudgingConfig
 from langchain_nudging.evaluation import EvalSettings, RunMismatchError, run_eval
 from langchain_nudging.evaluation.report import write_report
-from langchain_nudging.evaluation.runner import KNOBS
+from langchain_nudging.evaluation.runner import KNOBS, claim_output, model_identity, slot_limit
 from langchain_nudging.evaluation.tasks import get_task
 from langchain_nudging.prompts import ChatMessage
 from langchain_nudging.request import Request
@@ -242,3 +242,34 @@ def test_eval_command_refuses_bad_input_before_loading_models(
     assert main(["eval", "--data", str(tmp_path), "--out", str(tmp_path / "o"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_answers_in_flight_are_capped_at_the_servers_slots() -> None:
+    class Model:
+        def __init__(self, total_slots: int | None = None) -> None:
+            if total_slots is not None:
+                self.total_slots = total_slots
+
+    class Pair:
+        def __init__(self, base: Model, nudging: Model) -> None:
+            self.base, self.nudging = base, nudging
+
+    assert slot_limit(Pair(Model(), Model())) is None  # models in this process: no limit
+    assert slot_limit(Pair(Model(4), Model())) == 4
+    assert slot_limit(Pair(Model(8), Model(2))) == 2
+
+
+def test_a_server_models_address_is_not_part_of_the_runs_identity(tmp_path: Path) -> None:
+    # The llama.cpp servers the library starts listen on another free port each run.
+    assert model_identity("gemma.gguf @ http://127.0.0.1:41607") == "gemma.gguf"
+    assert model_identity("org/model") == "org/model"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(
+        json.dumps({"base": "gemma.gguf @ http://127.0.0.1:41607", "nudging": "smol"})
+    )
+    defaults = {name: NudgingConfig.model_fields[name].default for name in KNOBS}
+    identity = {**defaults, "base": "gemma.gguf", "nudging": "smol", "dtype": None}
+    claim_output(out, identity)  # an earlier folder, with the address: accepted
+    with pytest.raises(RunMismatchError, match=r"base='other\.gguf'"):
+        claim_output(out, {**identity, "base": "other.gguf"})

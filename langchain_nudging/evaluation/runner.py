@@ -131,11 +131,21 @@ class RunMismatchError(ValueError):
     """The output folder holds results made with other models or settings."""
 
 
+_MODEL_KEYS = ("base", "nudging")
+
+
+def model_identity(name: str) -> str:
+    """A model's name without the address of its server (``model.gguf @ http://...``): the
+    servers ``--runtime llamacpp`` starts listen on a free port, another one each run, and the
+    same model on another server gives the same answers."""
+    return name.split(" @ ", 1)[0]
+
+
 def run_identity(pair: NudgingPair, settings: EvalSettings) -> dict[str, Any]:
     """What must match for results in one output folder to be comparable."""
     return {
-        "base": pair.base.name,
-        "nudging": pair.nudging.name,
+        "base": model_identity(pair.base.name),
+        "nudging": model_identity(pair.nudging.name),
         "dtype": _weights_dtype(pair.base),
         **settings.knobs(),
     }
@@ -155,6 +165,9 @@ def claim_output(out_dir: Path, identity: dict[str, Any]) -> None:
     if path.is_file():
         # A knob a folder does not record was at its default (it was not a setting then).
         recorded = {**_DEFAULTS, **json.loads(path.read_text(encoding="utf-8"))}
+        for key in _MODEL_KEYS:  # a folder may record a server's address with its model
+            if isinstance(recorded.get(key), str):
+                recorded[key] = model_identity(recorded[key])
         for key, value in identity.items():
             if recorded.get(key) != value:
                 raise RunMismatchError(
@@ -268,9 +281,22 @@ def cell_label(task: str, mode: str, gamma: float | None) -> str:
     return f"{task} · {mode}" + ("" if gamma is None else f" γ={gamma:g}")
 
 
+def slot_limit(pair: Any) -> int | None:
+    """The fewest request slots of the pair's models, or None when neither has a limit.
+
+    A llama.cpp server model pins one of its slots (``total_slots``) for each live request, and
+    a request that finds them all held fails after waiting; more answers in flight than that
+    would fail rather than queue.
+    """
+    limits = [getattr(model, "total_slots", None) for model in (pair.base, pair.nudging)]
+    found = [n for n in limits if isinstance(n, int) and n > 0]
+    return min(found) if found else None
+
+
 async def _run_jobs(
     engine: NudgingEngine,
     settings: EvalSettings,
+    concurrency: int,
     jobs: list[_Job],
     stores: dict[str, ResultStore],
     progress: Progress,
@@ -295,7 +321,7 @@ async def _run_jobs(
             stores[job.task.name].add(record)
             progress.advance(bars[job.task.name, job.mode, job.gamma])
 
-    await asyncio.gather(*(worker() for _ in range(min(settings.concurrency, len(jobs)) or 1)))
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(jobs)) or 1)))
 
 
 def _run_to_end(work: Coroutine[Any, Any, None]) -> None:
@@ -344,6 +370,14 @@ def run_eval(
         for mode, gamma in settings.cells()
         if not stores[name].has(mode, gamma, example.id)
     ]
+    bars_console = console or Console(stderr=True)
+    concurrency, slots = settings.concurrency, slot_limit(pair)
+    if slots is not None and concurrency > slots:
+        bars_console.print(
+            f"concurrency {concurrency} is above the {slots} request slots of the pair's "
+            f"server: {slots} answers at a time"
+        )
+        concurrency = slots
     own_engine = engine is None
     engine = engine or NudgingEngine(pair)
     failures: list[str] = []
@@ -353,7 +387,6 @@ def run_eval(
         MofNCompleteColumn(),
         TimeRemainingColumn(),
     )
-    bars_console = console or Console(stderr=True)
     try:
         with Progress(*columns, console=bars_console, disable=not progress) as bars_view:
             bars = {
@@ -366,7 +399,11 @@ def run_eval(
                 for mode, gamma in settings.cells()
             }
             if jobs:
-                _run_to_end(_run_jobs(engine, settings, jobs, stores, bars_view, bars, failures))
+                _run_to_end(
+                    _run_jobs(
+                        engine, settings, concurrency, jobs, stores, bars_view, bars, failures
+                    )
+                )
     finally:
         if own_engine:
             engine.shutdown()

@@ -10,13 +10,14 @@ nudged pair, its gamma (``base``, ``nudging``, then one ``nudged`` row per gamma
   ``gamma_sweep.png`` (two or more gammas), ``answers.html`` and, for the tasks without an
   automatic score (Just-Eval, MT-Bench), the input files of their external judges (files.py,
   with tables.py, charts.py, answers.py and judge.py);
-* :func:`main_table` builds the main table for the terminal (tables.py).
+* :func:`main_table` builds the main table for the terminal (tables.py): scores, IFEval's
+  instruction-level accuracies, share nudged and answers cut per row.
 
 A record appearing twice for the same row, task and example counts once (the last one wins).
 """
 
 from .answers import render_answers_html
-from .charts import plot_gamma_sweep, plot_scores
+from .charts import plot_gamma_sweep, plot_scores, score_groups, scores_figure, share_groups
 from .files import write_report
 from .judge import just_eval_entries, mt_bench_answers
 from .numbers import (
@@ -50,6 +51,9 @@ __all__ = [
     "plot_scores",
     "render_answers_html",
     "render_markdown",
+    "score_groups",
+    "scores_figure",
+    "share_groups",
     "signed_points",
     "summarize_cell",
     "task_title",

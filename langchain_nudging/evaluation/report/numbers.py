@@ -141,12 +141,28 @@ def build_report(
     Keys: ``rows`` (slug, label, mode, gamma), ``tasks`` / ``scored_tasks`` / ``open_tasks``,
     ``cells[row_slug][task]`` (see :func:`summarize_cell`; only the cells that were run),
     ``average[row_slug]`` (mean primary score over the scored tasks the row has, and those
-    tasks), ``paired`` (one entry per nudged row, baseline and scored task: mean difference of
-    primary scores over the examples both rows answered, its 95% paired-bootstrap interval
-    ``ci_low``/``ci_high`` and ``n`` pairs; each interval uses a generator seeded by ``seed``),
-    ``bootstrap`` (seed, resamples, level) and ``n_records``. Scores are fractions in 0..1.
+    tasks), ``totals[row_slug]`` (the row over all its tasks: ``n``, ``tokens``,
+    ``nudge_tokens``, token-weighted ``nudged_share``, ``cut``), ``paired`` (one entry per
+    nudged row, baseline and scored task: mean difference of primary scores over the examples
+    both rows answered, its 95% paired-bootstrap interval ``ci_low``/``ci_high`` and ``n``
+    pairs; each interval uses a generator seeded by ``seed``), ``bootstrap`` (seed,
+    resamples, level) and ``n_records``. Scores are fractions in 0..1.
     """
     return summarize(Results(records), seed, resamples)
+
+
+def _row_totals(cells: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """A row over all its tasks: answers, tokens, share nudged (token-weighted), answers cut."""
+    cells = list(cells)
+    tokens = sum(cell["tokens"] for cell in cells)
+    nudge_tokens = sum(cell["nudge_tokens"] for cell in cells)
+    return {
+        "n": sum(cell["n"] for cell in cells),
+        "tokens": tokens,
+        "nudge_tokens": nudge_tokens,
+        "nudged_share": ratio(nudge_tokens, tokens),
+        "cut": sum(cell["cut"] for cell in cells),
+    }
 
 
 def summarize(results: Results, seed: int, resamples: int) -> dict[str, Any]:
@@ -158,6 +174,7 @@ def summarize(results: Results, seed: int, resamples: int) -> dict[str, Any]:
         }
         for row in results.rows
     }
+    totals = {slug: _row_totals(by_task.values()) for slug, by_task in cells.items()}
     average = {}
     for row in results.rows:
         scored = [
@@ -175,6 +192,7 @@ def summarize(results: Results, seed: int, resamples: int) -> dict[str, Any]:
         "open_tasks": results.open_tasks,
         "cells": cells,
         "average": average,
+        "totals": totals,
         "paired": _paired(results, seed, resamples),
         "bootstrap": {"seed": seed, "resamples": resamples, "level": CI_LEVEL},
         "n_records": len(results.records),

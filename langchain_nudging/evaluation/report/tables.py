@@ -37,17 +37,40 @@ def _answer_count(n: int) -> str:
     return "1 answer" if n == 1 else f"{n} answers"
 
 
+INSTRUCTION_LEVEL = (
+    ("inst_level_strict_acc", "IFEval inst. strict"),
+    ("inst_level_loose_acc", "IFEval inst. loose"),
+)
+"""IFEval's instruction-level metrics, as the main table and the chart title them."""
+
+
+def _share(value: float | None) -> str:
+    return _MISSING if value is None else f"{100 * value:.1f}%"
+
+
+def _ifeval_metric(cells: Mapping[str, Any], name: str) -> str:
+    cell = cells.get("ifeval")
+    metrics = None if cell is None else cell["ifeval"]
+    return percent(None if metrics is None else metrics.get(name))
+
+
 def main_table_cells(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table: a row per mode/gamma, a score column per scored task
-    (percent), ``Avg``, and an answer count per open task.
+    (percent), ``Avg``, an answer count per open task, IFEval's instruction-level accuracies
+    (strict and loose; with IFEval only), the row's share nudged over all its tasks and its
+    answers cut by the token budget.
 
     An ``Avg`` over fewer tasks than the table has is marked ``*``.
     """
     scored, open_tasks = report["scored_tasks"], report["open_tasks"]
+    with_ifeval = "ifeval" in scored
     header = ["Row", *map(task_title, scored)]
     if scored:
         header.append("Avg")
     header += map(task_title, open_tasks)
+    if with_ifeval:
+        header += [title for _, title in INSTRUCTION_LEVEL]
+    header += ["Share nudged", "Cut"]
     rows = []
     for row in report["rows"]:
         cells = report["cells"][row["slug"]]
@@ -61,6 +84,10 @@ def main_table_cells(report: Mapping[str, Any]) -> tuple[list[str], list[list[st
                 partial = len(average["tasks"]) < len(scored)
                 line.append(percent(average["primary"]) + ("*" if partial else ""))
         line += [_answer_count(cells[t]["n"]) if t in cells else _MISSING for t in open_tasks]
+        if with_ifeval:
+            line += [_ifeval_metric(cells, name) for name, _ in INSTRUCTION_LEVEL]
+        totals = report["totals"][row["slug"]]
+        line += [_share(totals["nudged_share"]), f"{totals['cut']}/{totals['n']}"]
         rows.append(line)
     return header, rows
 
@@ -128,7 +155,11 @@ def _scores_section(report: Mapping[str, Any], figures: Iterable[str]) -> list[s
         "accuracy; the other scored tasks: exact match of the extracted answer). Avg: mean of "
         "the row's scored-task columns (`*`: over the tasks this row has only). "
         "Just-Eval and MT-Bench have no automatic score: their columns count the answers "
-        "written; `judge/` holds them in the input formats of their external judges.",
+        "written; `judge/` holds them in the input formats of their external judges. "
+        "IFEval inst. strict / loose: instruction-level accuracy (every instruction of every "
+        "prompt counts once; prompt-level needs all of a prompt's). Share nudged: tokens "
+        "written by the nudging model / all the row's tokens, over all its tasks. Cut: "
+        "answers stopped by the token budget / answers.",
         "",
     ]
     images = [f"![{Path(name).stem}]({name})" for name in figures]
@@ -168,13 +199,13 @@ def _speed_section(report: Mapping[str, Any]) -> list[str]:
     rows = []
     for row in report["rows"]:
         for task, cell in report["cells"][row["slug"]].items():
-            share, speed = cell["nudged_share"], cell["tokens_per_s"]
+            speed = cell["tokens_per_s"]
             rows.append(
                 [
                     row["label"],
                     task_title(task),
                     str(cell["n"]),
-                    _MISSING if share is None else f"{100 * share:.1f}%",
+                    _share(cell["nudged_share"]),
                     _MISSING if speed is None else f"{speed:.1f}",
                     f"{cell['tokens'] / cell['n']:.0f}" if cell["n"] else _MISSING,
                     str(cell["cut"]),
