@@ -458,30 +458,6 @@ def test_a_killed_conversion_is_cleaned_up_and_redone(tiny_gguf, gguf_reference,
 # --- fail fast: missing paths, the Hub cache, an unreachable Hub ----------------------------------
 
 
-@pytest.fixture
-def no_hub(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A Hub that refuses connections at once (nothing listens on port 9), not offline mode."""
-    import huggingface_hub.constants
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    for variable in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "all_proxy"):
-        monkeypatch.delenv(variable, raising=False)
-
-
-@pytest.fixture
-def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty Hugging Face cache folder, the one huggingface_hub and transformers read."""
-    import huggingface_hub.constants
-
-    folder = tmp_path / "hf-hub"
-    folder.mkdir()
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(folder))
-    return folder
-
-
 def _cache_repo(cache: Path, repo_id: str, files: Path, only: set[str] | None = None) -> None:
     """`files`' contents as the cached `main` snapshot of `repo_id` (the cache's layout)."""
     commit = "0123456789abcdef0123456789abcdef01234567"
