@@ -1,4 +1,4 @@
-"""The library streams what two oracles write, on the bundled pair (greedy, float32).
+"""The library streams what two oracles write, on the bundled pair (greedy, float32, 40 tokens).
 
 * ``independent_nudge`` (oracle.py) implements docs/algorithm.md again, without any code of
   algorithm.py: equality shows that the library implements the rules as documented.
@@ -41,7 +41,7 @@ from langchain_nudging.serving.events import Finished, SegmentEvent
 
 NEAR_TIE = 1e-4
 MAX_NEAR_TIES = 2  # of the prompts, in any one comparison
-# The fixture answers every prompt with the library and one oracle: about 6 minutes on two
+# The fixture answers every prompt with the library and one oracle: about 7 minutes on two
 # cores (the oracles re-read the whole prompt for every question).
 pytestmark = pytest.mark.timeout(1800)
 U, A, S = "user", "assistant", "system"
@@ -75,7 +75,7 @@ PROMPTS: dict[str, list[ChatMessage]] = {
     ],
     "howto": [ChatMessage(U, "How do I make a cup of green tea?")],
 }
-CONFIG = NudgingConfig(max_tokens=64)
+CONFIG = NudgingConfig(max_tokens=40)
 INDEPENDENT = ("open", "list", "blank_lines", "system", "prefill")
 ORACLE_OF = {name: "independent" if name in INDEPENDENT else "reference" for name in PROMPTS}
 

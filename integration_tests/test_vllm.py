@@ -73,7 +73,6 @@ def test_both_models_write_on_vllm(vllm_pair: NudgingPair) -> None:
 
 ORACLE_PROMPTS = {
     "tips": ask("Give me three tips for staying healthy."),
-    "capital": ask("What is the capital of France, and why is it famous?"),
     "story": ask("Write the opening of a story about a lighthouse keeper."),
 }
 
