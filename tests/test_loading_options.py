@@ -15,6 +15,7 @@ import torch
 from langchain_core.load import dumpd, dumps, load, loads
 from langchain_core.messages import HumanMessage, SystemMessage
 from pydantic import ValidationError
+from tiny_models import cache_hub_repo
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -68,17 +69,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _cache_repo(cache: Path, repo_id: str, files: Path) -> None:
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in files.iterdir():
-        (snapshot / file.name).write_bytes(file.read_bytes())
-
-
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """The keywords of each `_load_pretrained` call (the load still happens)."""
@@ -99,7 +89,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
 def test_revision_reaches_from_pretrained_and_is_part_of_the_identity(
     model_dir, no_hub, hub_cache, spy
 ):
-    _cache_repo(hub_cache, "tiny-org/tiny", model_dir)
+    cache_hub_repo(hub_cache, "tiny-org/tiny", model_dir)
     pinned = load_model("tiny-org/tiny", revision="main", progress=False)
     assert spy[-1]["revision"] == "main"
     assert pinned.name == "tiny-org/tiny@main"
@@ -110,7 +100,7 @@ def test_revision_reaches_from_pretrained_and_is_part_of_the_identity(
 
 
 def test_a_revision_not_in_the_cache_fails_at_once_naming_it(model_dir, no_hub, hub_cache):
-    _cache_repo(hub_cache, "tiny-org/tiny", model_dir)
+    cache_hub_repo(hub_cache, "tiny-org/tiny", model_dir)
     started = time.monotonic()
     with pytest.raises(ModelLoadError, match=r"'tiny-org/tiny'.*at revision 'v2'"):
         load_model("tiny-org/tiny", revision="v2", progress=False)
@@ -145,7 +135,7 @@ def test_local_files_only_fails_at_once_without_probing_the_hub(no_hub, hub_cach
 def test_local_files_only_loads_a_cached_hub_id_from_the_cache(
     model_dir, no_hub, hub_cache, monkeypatch, spy
 ):
-    _cache_repo(hub_cache, "tiny-org/tiny", model_dir)
+    cache_hub_repo(hub_cache, "tiny-org/tiny", model_dir)
     monkeypatch.setattr(loading, "_hub_unreachable", lambda: pytest.fail("the Hub was probed"))
     loaded = load_model("tiny-org/tiny", local_files_only=True, progress=False)
     assert [call["local_files_only"] for call in spy] == [True]

@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from tiny_models import cache_hub_repo
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -458,19 +459,6 @@ def test_a_killed_conversion_is_cleaned_up_and_redone(tiny_gguf, gguf_reference,
 # --- fail fast: missing paths, the Hub cache, an unreachable Hub ----------------------------------
 
 
-def _cache_repo(cache: Path, repo_id: str, files: Path, only: set[str] | None = None) -> None:
-    """`files`' contents as the cached `main` snapshot of `repo_id` (the cache's layout)."""
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    for file in files.iterdir():
-        if only is None or file.name in only:
-            (snapshot / file.name).write_bytes(file.read_bytes())
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("missing", ["models/no-such-model", "no-such-model-anywhere"])
 def test_a_mistyped_folder_or_unknown_hub_id_fails_at_once(missing, no_hub, hub_cache):
@@ -515,7 +503,7 @@ def test_a_spec_that_is_neither_a_path_nor_a_hub_id(bad, no_hub):
 def test_a_hub_id_in_the_local_cache_loads_without_the_network(
     model_dir, no_hub, hub_cache, monkeypatch
 ):
-    _cache_repo(hub_cache, "tiny-org/tiny-llama", model_dir)
+    cache_hub_repo(hub_cache, "tiny-org/tiny-llama", model_dir)
     seen = []
     real = loading._load_pretrained
 
@@ -535,7 +523,7 @@ def test_a_hub_id_in_the_local_cache_loads_without_the_network(
 
 
 def test_a_hub_id_only_partly_cached_and_an_unreachable_hub(model_dir, no_hub, hub_cache):
-    _cache_repo(hub_cache, "tiny-org/half", model_dir, only={"config.json"})
+    cache_hub_repo(hub_cache, "tiny-org/half", model_dir, only={"config.json"})
     with pytest.raises(ModelLoadError, match="only partly in the Hugging Face cache"):
         load_model("tiny-org/half", progress=False)
 
@@ -595,7 +583,7 @@ def test_safetensors_are_required_by_from_pretrained_too(pickled_dir):
 
 
 def test_a_cached_hub_repo_with_only_pickled_weights(pickled_dir, no_hub, hub_cache):
-    _cache_repo(hub_cache, "tiny-org/pickled", pickled_dir)
+    cache_hub_repo(hub_cache, "tiny-org/pickled", pickled_dir)
     with pytest.raises(ModelLoadError, match="pickled weights"):
         load_model("tiny-org/pickled", progress=False)
     loaded = load_model("tiny-org/pickled", allow_pickle=True, progress=False)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -256,3 +257,16 @@ def force_next(loaded: LoadedModel, script: Mapping[int, int]) -> Iterator[None]
 
 
 # -- a tiny pair and an engine over it, shared by the engine tests ----------------------------
+
+
+def cache_hub_repo(cache: Path, repo_id: str, files: Path, only: set[str] | None = None) -> None:
+    """`files`' contents as the cached `main` snapshot of `repo_id` (the cache's layout)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in files.iterdir():
+        if only is None or file.name in only:
+            (snapshot / file.name).write_bytes(file.read_bytes())
